@@ -1,0 +1,387 @@
+"""Typed run config, loaded strictly from YAML.
+
+Every section is a keyword-only dataclass with a one-line docstring under each field.
+`load_config` rejects an unknown key, a wrong type or an impossible value with a
+`ConfigError` that names the key path (``training.learning_rate``), before any model is
+built. ``method_config`` is typed by the method named in ``method`` (see registry.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the key path."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Run name, shown in logs and reports."""
+    output: str = "runs/default"
+    """Folder of the run: config, metrics, checkpoints, validation videos."""
+    seed: int = 0
+    """Seed of weight init, data order, noise and timestep draws."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str = "wan"
+    """Model plugin, by registry name."""
+    preset: str | None = None
+    """In-code architecture with random weights (`tiny`, `wan2.1-1.3b`); exclusive with `path`."""
+    path: str | None = None
+    """A diffusers model folder (local path or hub id) to load with `from_pretrained`."""
+    pixel_space: bool = False
+    """Train on pixels with no VAE (the shapes world); otherwise on VAE latents."""
+    flow_shift: float = 3.0
+    """Flow-matching timestep shift of the noise scheduler."""
+    max_text_length: int = 512
+    """Token length that prompt embeddings are padded to."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of trainable transformers."""
+
+    def validate(self, path: str) -> None:
+        if (self.preset is None) == (self.path is None):
+            raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
+        _positive(self, path, "flow_shift", "max_text_length")
+
+
+@dataclass(kw_only=True)
+class RoleConfig:
+    init_from: str | None = None
+    """Another role's name (copy its weights), a diffusers transformer folder, or unset (the model's weights)."""
+    trainable: bool = False
+    """Whether the role gets an optimizer and a DeepSpeed engine; frozen roles are eval-mode, bf16 on GPU."""
+
+
+LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    max_steps: int = 100
+    """Training iterations (an iteration = one critic/optimizer step for every trainable role due)."""
+    batch_size: int = 1
+    """Micro-batch size per rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-5
+    """Student (or sole trainable role) AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    lr_scheduler: LRSchedule = "constant"
+    """Learning-rate schedule."""
+    warmup_steps: int = 0
+    """Warm-up steps of the schedule."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    fake_score_learning_rate: float | None = None
+    """Critic learning rate; unset = learning_rate. Every fake_score_* key falls back to its student twin."""
+    fake_score_betas: tuple[float, float] | None = None
+    """Critic AdamW betas; unset = betas."""
+    fake_score_weight_decay: float | None = None
+    """Critic weight decay; unset = weight_decay."""
+    fake_score_eps: float | None = None
+    """Critic AdamW epsilon; unset = eps."""
+    fake_score_lr_scheduler: LRSchedule | None = None
+    """Critic schedule; unset = lr_scheduler."""
+    fake_score_warmup_steps: int | None = None
+    """Critic warm-up steps; unset = warmup_steps."""
+    fake_score_max_grad_norm: float | None = None
+    """Critic clipping norm; unset = max_grad_norm."""
+    log_every: int = 1
+    """Write metrics every this many iterations."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto = cuda when available."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every")
+        _positive(self, path, "fake_score_learning_rate")
+        _non_negative(self, path, "weight_decay", "warmup_steps", "max_grad_norm", "eps")
+        _non_negative(self, path, "fake_score_weight_decay", "fake_score_warmup_steps", "fake_score_max_grad_norm")
+        for key in ("betas", "fake_score_betas"):
+            betas = getattr(self, key)
+            if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
+                raise ConfigError(f"{path}.{key}: each beta must be in [0, 1), got {list(betas)}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    prompts: list[str] = field(default_factory=list)
+    """Training prompts (prompt-only data: enough for rollout_mode simulate)."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch of classifier-free guidance."""
+    num_frames: int = 9
+    """Frames of a training video."""
+    height: int = 32
+    """Height of a training video in pixels."""
+    width: int = 32
+    """Width of a training video in pixels."""
+
+    def validate(self, path: str) -> None:
+        if not self.prompts:
+            raise ConfigError(f"{path}.prompts: the data set is empty; give at least one prompt")
+        _positive(self, path, "num_frames", "height", "width")
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    every: int = 0
+    """Sample validation videos every this many iterations and at the end (0 = never)."""
+    prompts: list[str] = field(default_factory=list)
+    """Validation prompts; empty = the first training prompt."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One video per (prompt, seed)."""
+    num_frames: int | None = None
+    """Frames; unset = data.num_frames."""
+    height: int | None = None
+    """Height; unset = data.height."""
+    width: int | None = None
+    """Width; unset = data.width."""
+    fps: int = 8
+    """Frame rate of the written videos."""
+
+    def validate(self, path: str) -> None:
+        _non_negative(self, path, "every")
+        _positive(self, path, "num_frames", "height", "width", "fps")
+        if not self.seeds:
+            raise ConfigError(f"{path}.seeds: give at least one seed")
+
+
+@dataclass(kw_only=True)
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3-compatible endpoint for s3:// outputs (credentials come from the standard AWS chain)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Name, output folder and seed."""
+    model: ModelConfig
+    """The model plugin and its weights."""
+    roles: dict[str, RoleConfig]
+    """Roles by name (student, teacher, critic, ...)."""
+    method: str
+    """Training method, by registry name (dmd2, flow_matching)."""
+    method_config: Any = None
+    """The method's own typed config (see the method's module)."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimisation and loop settings."""
+    data: DataConfig
+    """Training data."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Periodic validation sampling."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """A DeepSpeed config, passed through (batch size, clipping and precision are filled in from training)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Artifact storage settings."""
+
+    def validate(self, path: str) -> None:
+        for key in ("bf16", "fp16", "amp"):
+            if key in self.deepspeed:
+                raise ConfigError(f"deepspeed.{key}: set training.mixed_precision instead (auto = bf16 on GPU, fp32 on CPU)")
+        for key in ("optimizer", "scheduler"):
+            if key in self.deepspeed:
+                raise ConfigError(
+                    f"deepspeed.{key}: optimizers and schedulers are created by the method from "
+                    f"training.learning_rate / betas / weight_decay / lr_scheduler (and fake_score_*); remove it"
+                )
+        for key, ours in (
+            ("train_micro_batch_size_per_gpu", "training.batch_size"),
+            ("gradient_accumulation_steps", "training.gradient_accumulation_steps"),
+            ("gradient_clipping", "training.max_grad_norm"),
+            ("train_batch_size", "training.batch_size"),
+        ):
+            if key in self.deepspeed:
+                raise ConfigError(f"deepspeed.{key}: set {ours} instead; the trainer fills it in")
+        for name, role in self.roles.items():
+            if role.init_from == name:
+                raise ConfigError(f"roles.{name}.init_from: a role cannot start from itself")
+
+
+# ---------------------------------------------------------------------------------------
+# Strict loading
+# ---------------------------------------------------------------------------------------
+
+_FLOAT_STR = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is ambiguous."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-5` (no dot) as a string; accept plain numeric strings for floats.
+        if isinstance(value, str) and _FLOAT_STR.match(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args
+        return {_convert(k, key_tp, path): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def build_section(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and missing required ones."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def _positive(obj: Any, path: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{path}.{key}: must be > 0, got {value}")
+
+
+def _non_negative(obj: Any, path: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{path}.{key}: must be >= 0, got {value}")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a raw config mapping."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
+            node = child
+        node[keys[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def build_config(raw: dict) -> Config:
+    """Build and check a `Config` from a raw mapping (already overridden)."""
+    from distill import registry
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = dict(raw)
+    method_raw = raw.pop("method_config", None)
+    cfg = build_section(Config, raw, "")
+    spec = registry.get_method(cfg.method, key="method")
+    cfg.method_config = build_section(spec.config_cls, method_raw, "method_config")
+    registry.get_model(cfg.model.family, key="model.family")
+    spec.cls.check_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML run config, apply `--set` overrides, and check it strictly."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return build_config(apply_overrides(raw or {}, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (for config.yaml in the run folder)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(cfg)

@@ -1,0 +1,1 @@
+"""Data: prompt sets (and, later, the shapes world and latent shards)."""

@@ -1,0 +1,160 @@
+"""The method layer: algorithms over roles and adapter primitives, never over model classes."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from distill.config import Config
+from distill.roles import RoleHandle, RoleManager, check_roles
+from distill.validation import ValidationRequest, ValidationResult, Validator
+
+
+class DistillMethod(ABC):
+    """A training method: declares its roles, builds their optimizers, runs one micro-batch.
+
+    The trainer calls `train_step(raw_batch, iteration)` once per micro-batch (gradient
+    accumulation is the engines' business) and `log_validation` every N iterations.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        cfg: Config,
+        roles: RoleManager,
+        adapter: Any,
+        validator: Validator | None = None,
+        *,
+        rank: int = 0,
+    ):
+        self.cfg = cfg
+        self.method_cfg = cfg.method_config
+        self.roles = roles
+        self.adapter = adapter
+        self.validator = validator
+        self.rank = rank
+        # `shared_rng` draws what every rank must agree on (e.g. DMD2's rollout length);
+        # `local_rng` draws what each rank draws for itself (noise, timesteps).
+        self.shared_rng = torch.Generator().manual_seed(cfg.run.seed)
+        self.local_rng = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 7919 * (rank + 1))
+
+    # -- build -----------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def required_roles(cls, method_cfg: Any) -> dict[str, bool]:
+        """Role name -> trainable flag that this method needs."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Cross-section checks run when the config loads (before anything is built)."""
+        check_roles({n: r.trainable for n, r in cfg.roles.items()}, cls.required_roles(cfg.method_config))
+
+    def build(self) -> None:
+        self.roles.require_roles(self.required_roles(self.method_cfg))
+        self.build_optimizers()
+
+    @abstractmethod
+    def build_optimizers(self) -> None:
+        """Create each trainable role's optimizer and scheduler and write them onto its handle."""
+
+    @classmethod
+    def latents_source(cls, method_cfg: Any) -> str:
+        """"data" when the method trains on data latents (the data must carry them), else "zeros"."""
+        return "data"
+
+    # -- step ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
+        """Run one micro-batch of iteration `iteration`; return scalars to log."""
+
+    def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
+        """Sample validation videos (every rank calls; only a rank with an output_dir writes)."""
+        return None
+
+    def validation_request(self, handle: RoleHandle, output_dir: str | None, **sampling: Any) -> ValidationRequest:
+        """A request for the config's validation prompts, seeds and size; `sampling` picks the sampler."""
+        v, d = self.cfg.validation, self.cfg.data
+        return ValidationRequest(
+            sample_handle=handle,
+            prompts=v.prompts or d.prompts[:1],
+            seeds=v.seeds,
+            num_frames=v.num_frames or d.num_frames,
+            height=v.height or d.height,
+            width=v.width or d.width,
+            negative_prompt=d.negative_prompt,
+            fps=v.fps,
+            output_dir=output_dir,
+            **sampling,
+        )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"shared_rng": self.shared_rng.get_state(), "local_rng": self.local_rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shared_rng.set_state(state["shared_rng"])
+        self.local_rng.set_state(state["local_rng"])
+
+    # -- helpers shared by methods ----------------------------------------------------------
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.local_rng, dtype=torch.float32).to(x.device)
+
+    def sample_timesteps(self, batch_size: int, device: torch.device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        """t uniform in [0, T], shifted with the model's flow shift, clamped to [lo, hi] · T."""
+        T = self.adapter.num_train_timesteps
+        t = torch.rand(batch_size, generator=self.local_rng) * T
+        t = self.adapter.shift_timestep(t)
+        return t.clamp(lo * T, hi * T).to(device)
+
+
+def check_finite(loss: torch.Tensor, name: str, iteration: int) -> None:
+    """Stop before an optimizer step would write NaN or Inf into the weights."""
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"{name} is {loss.item()} at iteration {iteration}; stopping before the optimizer step")
+
+
+def make_optimizer(
+    handle: RoleHandle,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    max_grad_norm: float,
+) -> None:
+    """AdamW over the role's trainable parameters plus a LambdaLR schedule, written onto the handle."""
+    params = handle.trainable_parameters()
+    if not params:
+        raise ValueError(f"role {handle.name!r} is trainable but has no parameters that require grad")
+    handle.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    handle.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        handle.optimizer, _lr_lambda(schedule, warmup_steps, total_steps)
+    )
+    handle.max_grad_norm = max_grad_norm
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant_with_warmup":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+    return factor

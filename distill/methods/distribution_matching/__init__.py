@@ -1,0 +1,1 @@
+"""Distribution matching methods (DMD2)."""

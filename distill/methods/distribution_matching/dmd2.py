@@ -1,0 +1,261 @@
+"""DMD2: distribution matching distillation with a trainable critic (fake score).
+
+One iteration i, per micro-batch:
+  1. batch = prepare_batch(raw, latents_source = zeros if simulate else data)
+  2. student rollout to x̂0 at a step index k drawn the same on every rank
+  3. on student-update iterations (i % generator_update_interval == 0): the DMD loss
+     grad = (fake − real) / mean_per_sample |x̂0 − real|,  loss_G = ½ mse(x̂0, x̂0 − grad)
+  4. every iteration: the critic's flow-matching loss on the (detached) student sample
+
+Guidance convention: `real = uncond + w (cond − uncond)` with w = real_score_guidance_scale
+(standard CFG; w = 1 is conditional only). Configs written for the other convention,
+`cond + w' (cond − uncond)`, set `cfg_convention: cond_plus`; that is standard w = w' + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from distill.adapter import Batch, LatentsSource
+from distill.config import Config, ConfigError
+from distill.methods.base import DistillMethod, check_finite, make_optimizer
+from distill.registry import register_method
+from distill.roles import RoleHandle
+from distill.validation import ValidationResult
+
+
+@dataclass(kw_only=True)
+class DMD2Config:
+    rollout_mode: Literal["simulate", "data_latent"] = "simulate"
+    """simulate: roll the student out from pure noise (prompts only); data_latent: noise data latents."""
+    dmd_denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    """The student's timesteps, noisiest first; the student samples in len(steps) steps."""
+    warp_denoising_step: bool = False
+    """Map each step s to the shifted training schedule: noise_scheduler.timesteps[T − s]."""
+    generator_update_interval: int = 5
+    """Update the student every this many iterations; the critic updates every iteration."""
+    real_score_guidance_scale: float = 3.5
+    """CFG scale of the teacher's (real) score, in the convention below."""
+    cfg_convention: Literal["standard", "cond_plus"] = "standard"
+    """standard: uncond + w (cond − uncond); cond_plus: cond + w (cond − uncond) = standard w + 1."""
+    min_timestep_ratio: float = 0.02
+    """Lower bound of the DMD / critic timestep, as a fraction of T."""
+    max_timestep_ratio: float = 0.98
+    """Upper bound of the DMD / critic timestep, as a fraction of T."""
+
+    def validate(self, path: str) -> None:
+        steps = self.dmd_denoising_steps
+        if not steps:
+            raise ConfigError(f"{path}.dmd_denoising_steps: must list at least one step")
+        if any(b >= a for a, b in zip(steps, steps[1:])):
+            raise ConfigError(f"{path}.dmd_denoising_steps: steps must be strictly decreasing (noisiest first), got {steps}")
+        if self.generator_update_interval < 1:
+            raise ConfigError(f"{path}.generator_update_interval: must be >= 1, got {self.generator_update_interval}")
+        for key in ("min_timestep_ratio", "max_timestep_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{path}.{key}: must be in [0, 1], got {getattr(self, key)}")
+        if self.min_timestep_ratio > self.max_timestep_ratio:
+            raise ConfigError(
+                f"{path}.min_timestep_ratio ({self.min_timestep_ratio}) must not exceed "
+                f"{path}.max_timestep_ratio ({self.max_timestep_ratio})"
+            )
+        if self.real_score_guidance_scale < 0:
+            raise ConfigError(f"{path}.real_score_guidance_scale: must be >= 0, got {self.real_score_guidance_scale}")
+
+    @property
+    def standard_guidance_scale(self) -> float:
+        w = self.real_score_guidance_scale
+        return w + 1.0 if self.cfg_convention == "cond_plus" else w
+
+
+class DMD2Adapter(Protocol):
+    """The primitives DMD2 needs from a model plugin."""
+
+    num_train_timesteps: int
+    noise_scheduler: object  # exposes `.timesteps`, the T-step training schedule (shifted)
+
+    def prepare_batch(self, raw: dict, *, latents_source: LatentsSource) -> Batch: ...
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def predict_noise(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
+    def predict_x0(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
+    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+@register_method("dmd2", DMD2Config)
+class DMD2(DistillMethod):
+    @classmethod
+    def required_roles(cls, method_cfg: DMD2Config) -> dict[str, bool]:
+        return {"student": True, "teacher": False, "critic": True}
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        from distill import registry
+
+        T = registry.get_model(cfg.model.family).num_train_timesteps
+        for i, s in enumerate(cfg.method_config.dmd_denoising_steps):
+            if not 0 <= s <= T:
+                raise ConfigError(f"method_config.dmd_denoising_steps[{i}]: step {s} is outside [0, {T}]")
+
+    def build(self) -> None:
+        super().build()
+        self.student = self.roles["student"]
+        self.teacher = self.roles["teacher"]
+        self.critic = self.roles["critic"]
+        self.denoising_steps = self._denoising_steps()
+
+    def build_optimizers(self) -> None:
+        tr = self.cfg.training
+
+        def pick(key: str):
+            value = getattr(tr, f"fake_score_{key}")
+            return getattr(tr, key) if value is None else value
+
+        common = dict(total_steps=tr.max_steps)
+        make_optimizer(
+            self.roles["student"], lr=tr.learning_rate, betas=tr.betas, weight_decay=tr.weight_decay, eps=tr.eps,
+            schedule=tr.lr_scheduler, warmup_steps=tr.warmup_steps, max_grad_norm=tr.max_grad_norm, **common,
+        )
+        make_optimizer(
+            self.roles["critic"], lr=pick("learning_rate"), betas=pick("betas"), weight_decay=pick("weight_decay"),
+            eps=pick("eps"), schedule=pick("lr_scheduler"), warmup_steps=pick("warmup_steps"),
+            max_grad_norm=pick("max_grad_norm"), **common,
+        )
+
+    def _denoising_steps(self) -> torch.Tensor:
+        steps = torch.tensor(self.method_cfg.dmd_denoising_steps, dtype=torch.float32)
+        if self.method_cfg.warp_denoising_step:
+            # Index the shifted T-step training schedule, with 0 appended so s = 0 maps to 0.
+            T = self.adapter.num_train_timesteps
+            schedule = torch.cat([self.adapter.noise_scheduler.timesteps.float().cpu(), torch.zeros(1)])
+            steps = schedule[T - steps.long()]
+        return steps
+
+    # -- one micro-batch ----------------------------------------------------------------------
+
+    @classmethod
+    def latents_source(cls, method_cfg: DMD2Config) -> LatentsSource:
+        return "zeros" if method_cfg.rollout_mode == "simulate" else "data"
+
+    def is_student_update(self, iteration: int) -> bool:
+        return iteration % self.method_cfg.generator_update_interval == 0
+
+    def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
+        batch = self.adapter.prepare_batch(raw_batch, latents_source=self.latents_source(self.method_cfg))
+        update_student = self.is_student_update(iteration)
+        metrics: dict[str, float] = {"updated_student": float(update_student)}
+
+        # 1. Student rollout (with grad only where the student learns this iteration).
+        with torch.set_grad_enabled(update_student):
+            x0_student, k = self.rollout(batch, grad=update_student)
+        metrics["rollout_k"] = float(k)
+
+        # 2. Student update: the distribution-matching loss.
+        if update_student:
+            loss_g = self.generator_loss(x0_student, batch)
+            check_finite(loss_g, "generator_loss", iteration)
+            self.student.backward(loss_g)
+            self.student.step()
+            metrics["generator_loss"] = loss_g.item()
+            metrics["student_grad_norm"] = _or_nan(self.student.last_grad_norm)
+
+        # 3. Critic update on the student's sample (reused, detached).
+        loss_c = self.critic_loss(x0_student.detach(), batch)
+        check_finite(loss_c, "critic_loss", iteration)
+        self.critic.backward(loss_c)
+        self.critic.step()
+        metrics["critic_loss"] = loss_c.item()
+        metrics["critic_grad_norm"] = _or_nan(self.critic.last_grad_norm)
+        metrics["student_lr"] = self.student.lr
+        metrics["critic_lr"] = self.critic.lr
+        return metrics
+
+    def pick_rollout_index(self) -> int:
+        """k uniform over the step list, from the generator every rank advances identically."""
+        return int(torch.randint(len(self.denoising_steps), (1,), generator=self.shared_rng))
+
+    def rollout(self, batch: Batch, *, grad: bool) -> tuple[torch.Tensor, int]:
+        """The student's x̂0 at step k; the last call carries grad when `grad`."""
+        k = self.pick_rollout_index()
+        steps = self.denoising_steps.to(batch.latents.device)
+        B = batch.size
+
+        def t_at(j: int) -> torch.Tensor:
+            return steps[j].expand(B)
+
+        if self.method_cfg.rollout_mode == "data_latent":
+            x = self.adapter.add_noise(batch.latents, self.randn_like(batch.latents), t_at(k))
+        else:
+            x = self.randn_like(batch.latents)  # pure noise at s_0
+            with torch.no_grad():
+                for j in range(k):  # only the k steps needed to reach s_k
+                    x0 = self.adapter.predict_x0(self.student, x, t_at(j), batch, conditional=True)
+                    x = self.adapter.add_noise(x0, self.randn_like(x0), t_at(j + 1))
+        with torch.set_grad_enabled(grad):
+            x0 = self.adapter.predict_x0(self.student, x, t_at(k), batch, conditional=True)
+        return x0, k
+
+    def real_and_fake_x0(self, x0_student: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise the detached sample to a random t; the teacher's CFG x0 and the critic's x0 there."""
+        m = self.method_cfg
+        x0 = x0_student.detach()
+        t = self.sample_timesteps(batch.size, x0.device, m.min_timestep_ratio, m.max_timestep_ratio)
+        x_t = self.adapter.add_noise(x0, self.randn_like(x0), t)
+        with torch.no_grad():
+            fake = self.adapter.predict_x0(self.critic, x_t, t, batch, conditional=True)
+            cond = self.adapter.predict_x0(self.teacher, x_t, t, batch, conditional=True)
+            w = m.standard_guidance_scale
+            if w == 1.0:
+                real = cond
+            else:
+                uncond = self.adapter.predict_x0(self.teacher, x_t, t, batch, conditional=False)
+                real = uncond + w * (cond - uncond)
+        return real, fake
+
+    def generator_loss(self, x0_student: torch.Tensor, batch: Batch) -> torch.Tensor:
+        real, fake = self.real_and_fake_x0(x0_student, batch)
+        return dmd_loss(x0_student, real, fake)
+
+    def critic_loss(self, x0_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        m = self.method_cfg
+        t = self.sample_timesteps(batch.size, x0_sample.device, m.min_timestep_ratio, m.max_timestep_ratio)
+        noise = self.randn_like(x0_sample)
+        x_t = self.adapter.add_noise(x0_sample, noise, t)
+        v = self.adapter.predict_noise(self.critic, x_t, t, batch, conditional=True)
+        return F.mse_loss(v.float(), (noise - x0_sample).float())
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
+        if self.validator is None:
+            return None
+        request = self.validation_request(
+            self.student,
+            output_dir,
+            sampler_kind="sde",
+            sampling_timesteps=self.denoising_steps.tolist(),  # the steps it trains on, never repeated in config
+            guidance_scale=1.0,
+        )
+        return self.validator.run(request)
+
+
+def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """½ mse(x̂0, x̂0 − grad) with grad = (fake − real) / mean_per_sample |x̂0 − real|, in fp32.
+
+    Its gradient w.r.t. x̂0 is grad / numel: the normalised score difference, pushed
+    through the student's parameters.
+    """
+    x0 = x0_student.float()
+    with torch.no_grad():
+        dims = tuple(range(1, x0.ndim))
+        normalizer = (x0 - real.float()).abs().mean(dim=dims, keepdim=True)
+        grad = torch.nan_to_num((fake.float() - real.float()) / normalizer)
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

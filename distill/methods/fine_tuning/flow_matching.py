@@ -1,0 +1,104 @@
+"""Plain flow-matching training of one trainable role: pre-training a teacher, or SFT.
+
+loss = mse(v(x_t, t, c), ε − x0) with x_t = (1 − σ) x0 + σ ε; with probability
+`cond_dropout` the prompt is replaced by the negative prompt, so the model also learns
+the unconditional branch that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from distill.adapter import Batch, LatentsSource
+from distill.config import ConfigError
+from distill.methods.base import DistillMethod, check_finite, make_optimizer
+from distill.registry import register_method
+from distill.roles import RoleHandle
+from distill.validation import ValidationResult
+
+
+@dataclass(kw_only=True)
+class FlowMatchingConfig:
+    role: str = "student"
+    """The trainable role."""
+    cond_dropout: float = 0.1
+    """Probability of training a sample on the negative prompt (the unconditional branch)."""
+    validation_sampler: Literal["ode", "sde"] = "ode"
+    """Sampler of validation videos."""
+    validation_steps: int = 50
+    """Steps of validation sampling (the scheduler's schedule with the flow shift)."""
+    validation_guidance_scale: float = 5.0
+    """Standard CFG scale of validation sampling."""
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ConfigError(f"{path}.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
+        if self.validation_steps < 1:
+            raise ConfigError(f"{path}.validation_steps: must be >= 1, got {self.validation_steps}")
+
+
+class FlowMatchingAdapter(Protocol):
+    num_train_timesteps: int
+
+    def prepare_batch(self, raw: dict, *, latents_source: LatentsSource) -> Batch: ...
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def predict_noise(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
+    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+@register_method("flow_matching", FlowMatchingConfig)
+class FlowMatching(DistillMethod):
+    @classmethod
+    def required_roles(cls, method_cfg: FlowMatchingConfig) -> dict[str, bool]:
+        return {method_cfg.role: True}
+
+    def build(self) -> None:
+        super().build()
+        self.model = self.roles[self.method_cfg.role]
+
+    def build_optimizers(self) -> None:
+        tr = self.cfg.training
+        make_optimizer(
+            self.roles[self.method_cfg.role], lr=tr.learning_rate, betas=tr.betas, weight_decay=tr.weight_decay,
+            eps=tr.eps, schedule=tr.lr_scheduler, warmup_steps=tr.warmup_steps, total_steps=tr.max_steps,
+            max_grad_norm=tr.max_grad_norm,
+        )
+
+    def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
+        batch = self.adapter.prepare_batch(raw_batch, latents_source="data")
+        x0 = batch.latents
+        drop = torch.rand(batch.size, generator=self.local_rng) < self.method_cfg.cond_dropout
+        mask = drop.to(x0.device).view(-1, *[1] * (batch.prompt_embeds.ndim - 1))
+        batch = dataclasses.replace(
+            batch, prompt_embeds=torch.where(mask, batch.negative_prompt_embeds, batch.prompt_embeds)
+        )
+        t = self.sample_timesteps(batch.size, x0.device)
+        noise = self.randn_like(x0)
+        v = self.adapter.predict_noise(self.model, self.adapter.add_noise(x0, noise, t), t, batch, conditional=True)
+        loss = F.mse_loss(v.float(), (noise - x0).float())
+        check_finite(loss, "flow_matching_loss", iteration)
+        self.model.backward(loss)
+        self.model.step()
+        return {
+            "flow_matching_loss": loss.item(),
+            "grad_norm": float("nan") if self.model.last_grad_norm is None else self.model.last_grad_norm,
+            "lr": self.model.lr,
+        }
+
+    def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
+        if self.validator is None:
+            return None
+        m = self.method_cfg
+        request = self.validation_request(
+            self.model,
+            output_dir,
+            sampler_kind=m.validation_sampler,
+            num_inference_steps=m.validation_steps,
+            guidance_scale=m.validation_guidance_scale,
+        )
+        return self.validator.run(request)

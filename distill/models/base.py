@@ -1,0 +1,85 @@
+"""Model plugins: build-time assembly of a family's diffusers components into roles.
+
+A plugin builds one denoiser per role (from another role's weights, a folder, or the
+model's own weights), freezes the frozen roles, and serves the step-time primitives a
+method's adapter Protocol asks for. It knows nothing of any training method.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from distill.config import Config, ConfigError
+from distill.roles import RoleHandle, RoleManager
+
+
+class ModelPlugin(ABC):
+    num_train_timesteps: ClassVar[int] = 1000
+    denoiser_key: ClassVar[str] = "transformer"
+
+    def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.frozen_dtype = frozen_dtype
+
+    # -- what a family provides ------------------------------------------------------------
+
+    @abstractmethod
+    def new_denoiser(self) -> nn.Module:
+        """The model's own denoiser weights (from model.path, or a preset's random init)."""
+
+    @abstractmethod
+    def load_denoiser(self, path: str, key: str) -> nn.Module:
+        """A denoiser from a folder; `key` names the config key for errors."""
+
+    # -- roles -----------------------------------------------------------------------------
+
+    def build_roles(self) -> RoleManager:
+        """One handle per configured role, weights resolved through `init_from`, frozen roles frozen."""
+        roles = self.cfg.roles
+        modules: dict[str, nn.Module] = {}
+        for name in _init_order(roles):
+            source = roles[name].init_from
+            if source is None:
+                modules[name] = self.new_denoiser()
+            elif source in roles:
+                modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
+            else:
+                modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
+        handles = {}
+        for name, role in roles.items():
+            module = modules[name].to(self.device)
+            if role.trainable:
+                module.train().requires_grad_(True)
+                if self.cfg.model.gradient_checkpointing:
+                    module.enable_gradient_checkpointing()
+            else:
+                module.eval().requires_grad_(False).to(self.frozen_dtype)
+            handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
+        return RoleManager(handles)
+
+
+def _init_order(roles: dict) -> list[str]:
+    """Roles ordered so that each comes after the role it starts from; cycles are errors."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ConfigError(f"roles.{name}.init_from: roles start from each other in a cycle")
+        visiting.add(name)
+        source = roles[name].init_from
+        if source in roles:
+            visit(source)
+        order.append(name)
+
+    for name in roles:
+        visit(name)
+    return order

@@ -1,0 +1,218 @@
+"""Wan 2.1 / 2.2 through diffusers: WanTransformer3DModel, AutoencoderKLWan (or pixels), UMT5.
+
+Weights come from a diffusers model folder (`model.path`: local path or hub id) or from
+an in-code size preset with random weights (`model.preset`: `tiny` for tests,
+`wan2.1-1.3b` for benchmarks). Pixel space (`model.pixel_space`) trains the transformer
+directly on videos in [-1, 1] with no VAE.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from torch import nn
+
+from distill.adapter import Batch, BatchError, LatentsSource
+from distill.config import Config, ConfigError
+from distill.models.base import ModelPlugin
+from distill.registry import register_model
+from distill.roles import RoleHandle
+
+_TINY_TEXT = dict(
+    vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+)
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        transformer=dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+            ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        text_encoder=_TINY_TEXT,
+        vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
+    ),
+    # The Wan2.1-T2V-1.3B architecture (random weights): 30 blocks, 12 heads of 128, UMT5-XXL text, Wan 2.1 VAE.
+    "wan2.1-1.3b": dict(
+        transformer=dict(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
+            ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            rope_max_seq_len=1024,
+        ),
+        text_encoder=dict(
+            vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        ),
+        vae=dict(),
+    ),
+}
+
+
+@register_model("wan")
+class WanPlugin(ModelPlugin):
+    """Builds Wan roles and serves the adapter primitives (prepare_batch, add_noise, predict_*)."""
+
+    def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, device=device, frozen_dtype=frozen_dtype)
+        m = cfg.model
+        if m.preset is not None and m.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
+        if m.path is not None and os.path.sep in m.path and not Path(m.path).is_dir():
+            raise ConfigError(f"model.path: {m.path} is not a folder")
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=m.flow_shift)
+        self.vae = None if m.pixel_space else self._frozen(self._load_vae())
+        self.tokenizer = self._load_tokenizer()
+        self._text_encoder: nn.Module | None = None  # built on first use: batches may carry embeddings
+        self._embeds: dict[str, torch.Tensor] = {}
+        self.latent_channels = 3 if m.pixel_space else self.vae.config.z_dim
+        self.latents_key = "pixels" if m.pixel_space else "vae_latent"
+        self.latent_shape = self.video_latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width, key="data")
+
+    # -- building --------------------------------------------------------------------------
+
+    def _preset(self, part: str) -> dict:
+        return dict(PRESETS[self.cfg.model.preset][part])
+
+    def new_denoiser(self) -> WanTransformer3DModel:
+        m = self.cfg.model
+        if m.path is not None:
+            return self.load_denoiser(m.path, key="model.path")
+        channels = 3 if m.pixel_space else self.vae.config.z_dim
+        with torch.device(self.device):  # random init straight on the device: 1.3B params init fast there
+            return WanTransformer3DModel(**self._preset("transformer"), in_channels=channels, out_channels=channels)
+
+    def load_denoiser(self, path: str, key: str) -> WanTransformer3DModel:
+        folder = Path(path)
+        if (folder / "transformer" / "config.json").is_file():
+            return WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32)
+        if (folder / "config.json").is_file():
+            return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32)
+        if not folder.exists() and os.path.sep not in path:  # a hub id
+            return WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32)
+        raise ConfigError(f"{key}: {path} holds no transformer (no config.json in it or in its transformer/)")
+
+    def _load_vae(self) -> AutoencoderKLWan:
+        if self.cfg.model.path is not None:
+            return AutoencoderKLWan.from_pretrained(self.cfg.model.path, subfolder="vae", torch_dtype=torch.float32)
+        return AutoencoderKLWan(**self._preset("vae"))
+
+    def _load_tokenizer(self):
+        if self.cfg.model.path is not None:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.cfg.model.path, subfolder="tokenizer")
+        from transformers import ByT5Tokenizer  # needs no files; presets have random weights anyway
+
+        return ByT5Tokenizer()
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        if self._text_encoder is None:
+            from transformers import UMT5Config, UMT5EncoderModel
+
+            if self.cfg.model.path is not None:
+                encoder = UMT5EncoderModel.from_pretrained(self.cfg.model.path, subfolder="text_encoder")
+            else:
+                encoder = UMT5EncoderModel(UMT5Config(**self._preset("text_encoder")))
+            self._text_encoder = self._frozen(encoder)
+        return self._text_encoder
+
+    def _frozen(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device, self.frozen_dtype).eval().requires_grad_(False)
+
+    def video_latent_shape(self, num_frames: int, height: int, width: int, key: str = "validation") -> tuple[int, ...]:
+        """(C, F, H, W) of the transformer's input for a video of this size; errors name `key`."""
+        patch = self._preset("transformer")["patch_size"] if self.cfg.model.preset else (1, 2, 2)
+        if self.cfg.model.pixel_space:
+            t_factor, s_factor = 1, 1
+        else:
+            t_factor, s_factor = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+        if (num_frames - 1) % t_factor:
+            raise ConfigError(f"{key}.num_frames: {num_frames} - 1 must be a multiple of {t_factor} (the VAE's time stride)")
+        for name, size in (("height", height), ("width", width)):
+            if size % (s_factor * patch[1]):
+                raise ConfigError(f"{key}.{name}: {size} must be a multiple of {s_factor * patch[1]}")
+        return (self.latent_channels, (num_frames - 1) // t_factor + 1, height // s_factor, width // s_factor)
+
+    # -- text ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings (B, max_text_length, D), padded with zeros as WanPipeline does; cached."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=None, scheduler=self.noise_scheduler)
+            embeds, _ = pipe.encode_prompt(
+                missing, do_classifier_free_guidance=False, max_sequence_length=self.cfg.model.max_text_length,
+                device=self.device, dtype=torch.float32,
+            )
+            self._embeds.update(zip(missing, embeds))
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    # -- adapter primitives ----------------------------------------------------------------
+
+    def prepare_batch(self, raw: dict, *, latents_source: LatentsSource) -> Batch:
+        if "prompt_embeds" in raw:
+            cond = raw["prompt_embeds"].to(self.device, torch.float32)
+        elif "prompt" in raw:
+            cond = self.encode_prompts(list(raw["prompt"]))
+        else:
+            raise BatchError(f"batch has neither 'prompt' nor 'prompt_embeds' (keys: {', '.join(raw)})")
+        B = cond.shape[0]
+        if "negative_prompt_embeds" in raw:
+            uncond = raw["negative_prompt_embeds"].to(self.device, torch.float32)
+        else:
+            uncond = self.encode_prompts([self.cfg.data.negative_prompt]).expand(B, -1, -1)
+        if latents_source == "data":
+            if self.latents_key not in raw:
+                raise BatchError(
+                    f"this method trains on data latents, but the batch has no {self.latents_key!r} "
+                    f"(keys: {', '.join(raw)}); preprocess videos into shards that carry it, "
+                    f"or use a mode that needs prompts only (dmd2 rollout_mode: simulate)"
+                )
+            latents = raw[self.latents_key].to(self.device, torch.float32)
+            from_data = True
+        else:
+            latents = torch.zeros(B, *self.latent_shape, device=self.device)
+            from_data = False
+        return Batch(latents=latents, prompt_embeds=cond, negative_prompt_embeds=uncond, from_data=from_data)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Flow-matching sigma of timestep t (the scheduler's timesteps are sigma · T)."""
+        return t.float() / self.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = _per_sample(self.sigma(t), x0)
+        return (1.0 - sigma) * x0 + sigma * noise
+
+    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        shift = self.noise_scheduler.config.shift
+        s = self.sigma(t)
+        return shift * s / (1.0 + (shift - 1.0) * s) * self.num_train_timesteps
+
+    def predict_noise(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *, conditional: bool) -> torch.Tensor:
+        """The transformer's flow output v = ε − x0, in fp32."""
+        module = handle.module(self.denoiser_key)
+        dtype = next(handle.modules[self.denoiser_key].parameters()).dtype
+        embeds = batch.prompt_embeds if conditional else batch.negative_prompt_embeds
+        out = module(
+            hidden_states=x_t.to(dtype), timestep=t.to(x_t.device), encoder_hidden_states=embeds.to(dtype), return_dict=False
+        )[0]
+        return out.float()
+
+    def predict_x0(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *, conditional: bool) -> torch.Tensor:
+        v = self.predict_noise(handle, x_t, t, batch, conditional=conditional)
+        return x_t.float() - _per_sample(self.sigma(t), v) * v
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def validator(self):
+        from distill.models.wan_sampling import WanValidator
+
+        return WanValidator(self)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device).view(-1, *[1] * (like.ndim - 1))

@@ -1,0 +1,1 @@
+"""Training infrastructure: the loop, DeepSpeed engines, metrics."""

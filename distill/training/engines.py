@@ -1,0 +1,39 @@
+"""One DeepSpeed engine per trainable role, from the run config's `deepspeed` section."""
+
+from __future__ import annotations
+
+import copy
+
+from distill.config import Config
+from distill.roles import RoleHandle, RoleManager
+
+
+def deepspeed_config(cfg: Config, handle: RoleHandle, bf16: bool) -> dict:
+    """The user's DeepSpeed config with batch size, accumulation, clipping and precision filled in."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds["train_micro_batch_size_per_gpu"] = cfg.training.batch_size
+    ds["gradient_accumulation_steps"] = cfg.training.gradient_accumulation_steps
+    ds["gradient_clipping"] = handle.max_grad_norm
+    ds["bf16"] = {"enabled": bf16}
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the method's torch AdamW
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def wrap_in_engines(roles: RoleManager, cfg: Config, bf16: bool) -> None:
+    """Hand each trainable role's module, optimizer and scheduler to `deepspeed.initialize`."""
+    import deepspeed
+
+    for handle in roles.trainable():
+        if len(handle.modules) != 1:
+            raise ValueError(f"role {handle.name!r}: one DeepSpeed engine wraps one module, got {list(handle.modules)}")
+        (module,) = handle.modules.values()
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=handle.optimizer,
+            lr_scheduler=handle.lr_scheduler,
+            config=deepspeed_config(cfg, handle, bf16),
+            dist_init_required=False,
+        )
+        handle.engine = engine

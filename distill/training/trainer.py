@@ -1,0 +1,132 @@
+"""The training loop: infra only. Any registered method, any registered model plugin.
+
+Build order (cheap checks first): device and process group → model plugin (scheduler,
+VAE, tokenizer) → data fields vs. what the method needs → roles → method (optimizers) →
+one DeepSpeed engine per trainable role. Then `train()` runs iterations, logs metrics and
+samples validation videos every `validation.every` iterations and at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from distill import registry
+from distill.config import Config, ConfigError, to_dict
+from distill.data.prompts import PromptDataset, batch_stream
+from distill.training.distributed import all_reduce_mean, init_distributed
+from distill.training.engines import wrap_in_engines
+from distill.training.metrics import MetricsLog
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.training.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: cuda was asked for, but no GPU is visible")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dataset=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        precision = cfg.training.mixed_precision
+        if precision == "bf16" and self.device.type == "cpu":
+            raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.dist = init_distributed(self.device.type)
+        self.run_dir = Path(cfg.run.output)
+
+        # 1. The model plugin's shared parts, and the data checked against the method.
+        spec = registry.get_method(cfg.method)
+        torch.manual_seed(cfg.run.seed)
+        self.plugin = registry.get_model(cfg.model.family)(
+            cfg, device=self.device, frozen_dtype=torch.bfloat16 if self.bf16 else torch.float32
+        )
+        self.dataset = dataset if dataset is not None else PromptDataset(cfg.data.prompts)
+        self.check_data(spec.cls)
+
+        # 2. Roles, method, engines.
+        self.roles = self.plugin.build_roles()
+        self.method = spec.cls(cfg, self.roles, self.plugin, self.plugin.validator(), rank=self.dist.rank)
+        self.method.build()
+        wrap_in_engines(self.roles, cfg, self.bf16)
+
+        self.batches = batch_stream(
+            self.dataset, cfg.training.batch_size, rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.run.seed
+        )
+        self.iteration = 0
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def check_data(self, method_cls) -> None:
+        """Fail before building models when the data cannot feed the method."""
+        if len(self.dataset) == 0:
+            raise ConfigError("data: the data set is empty")
+        if method_cls.latents_source(self.cfg.method_config) == "data":
+            key = self.plugin.latents_key
+            fields = getattr(self.dataset, "fields", ())
+            if key not in fields:
+                raise ConfigError(
+                    f"data: method {self.cfg.method!r} (as configured) trains on data latents, but the data "
+                    f"gives only {', '.join(fields) or 'nothing'}, no {key!r}; give shards that carry {key!r} "
+                    f"(see `distill preprocess`), or use a prompt-only mode (dmd2 rollout_mode: simulate)"
+                )
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def train_iteration(self) -> dict[str, float]:
+        """One iteration: every micro-batch through the method; metrics averaged over micro-batches and ranks."""
+        sums: dict[str, float] = {}
+        n = self.cfg.training.gradient_accumulation_steps
+        for _ in range(n):
+            for key, value in self.method.train_step(next(self.batches), self.iteration).items():
+                sums[key] = sums.get(key, 0.0) + value
+        self.iteration += 1
+        return all_reduce_mean({k: v / n for k, v in sums.items()}, self.device)
+
+    def validation_due(self) -> bool:
+        every = self.cfg.validation.every
+        return every > 0 and (self.iteration % every == 0 or self.iteration == self.cfg.training.max_steps)
+
+    def validate(self) -> dict[str, float]:
+        out_dir = self.run_dir / "validation" / f"step-{self.iteration:06d}" if self.dist.is_main else None
+        result = self.method.log_validation(self.iteration, None if out_dir is None else str(out_dir))
+        if result is None:
+            return {}
+        return {"validation_seconds_per_video": sum(result.seconds_per_video) / len(result.seconds_per_video)}
+
+    def train(self) -> list[dict[str, float]]:
+        """Run to training.max_steps; returns the logged metrics (means over each log window)."""
+        from tqdm import tqdm
+
+        tr = self.cfg.training
+        history = []
+        window: dict[str, list[float]] = {}  # values since the last log line, averaged when written
+        bar = tqdm(total=tr.max_steps, initial=self.iteration, disable=not (self.dist.is_main and tr.progress_bar))
+        try:
+            while self.iteration < tr.max_steps:
+                start = time.perf_counter()
+                values = self.train_iteration()
+                values["seconds_per_iteration"] = time.perf_counter() - start
+                if self.validation_due():
+                    values.update(self.validate())
+                for key, value in values.items():
+                    window.setdefault(key, []).append(value)
+                if self.iteration % tr.log_every == 0 or self.iteration == tr.max_steps:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    self.metrics.log(self.iteration, means)
+                    history.append({"step": self.iteration, **means})
+                    window.clear()
+                bar.update(1)
+                bar.set_postfix({k: f"{values[k]:.4g}" for k in ("critic_loss", "generator_loss", "flow_matching_loss") if k in values})
+        finally:
+            bar.close()
+            self.metrics.close()
+        return history

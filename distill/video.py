@@ -1,0 +1,42 @@
+"""Writing videos and contact sheets (uint8 frames, shape F x H x W x 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_frames(video: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """(C, F, H, W) tensor or (F, H, W, C) array in `value_range` -> (F, H, W, 3) uint8."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().float().cpu().permute(1, 2, 3, 0).numpy()
+    lo, hi = value_range
+    video = (np.clip(video, lo, hi) - lo) / (hi - lo)
+    return (video * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
+    """Write an mp4 (H.264 through imageio's bundled ffmpeg)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1)
+    return path
+
+
+def contact_sheet(videos: list[np.ndarray], path: str | Path, max_columns: int = 8) -> Path:
+    """One row per video, up to `max_columns` evenly spaced frames per row, as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for frames in videos:
+        idx = np.linspace(0, len(frames) - 1, min(max_columns, len(frames))).round().astype(int)
+        rows.append(np.concatenate([frames[i] for i in idx], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
