@@ -1,0 +1,1 @@
+"""Benchmarks: throughput and memory (more in later issues)."""

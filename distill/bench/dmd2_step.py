@@ -1,0 +1,137 @@
+"""Benchmark: one DMD2 iteration with three Wan roles, timed by kind (student-update vs critic-only).
+
+    python -m distill.bench.dmd2_step --preset wan2.1-1.3b --frames 81 --height 480 --width 832
+
+Builds teacher (frozen, bf16), student and critic (ZeRO-2 bf16 DeepSpeed engines, activation
+checkpointing) from an in-code preset with random weights, feeds random text embeddings
+(no text encoder needed), runs the real Trainer iterations, and prints seconds per
+iteration of each kind (median after warm-up) and the peak GPU memory. Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.data import Dataset
+
+from distill.config import build_config
+
+
+class RandomEmbeddings(Dataset):
+    """Precomputed-looking text embeddings: what shards give the trainer at scale."""
+
+    fields = ("prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(self, n: int, length: int, dim: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.embeds = torch.randn(n, length, dim, generator=g) * 0.1
+        self.negative = torch.randn(length, dim, generator=g) * 0.1
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt_embeds": self.embeds[i], "negative_prompt_embeds": self.negative}
+
+
+def bench_config(args) -> dict:
+    return {
+        "run": {"name": "bench-dmd2-step", "output": args.output, "seed": 0},
+        "model": {"family": "wan", "preset": args.preset, "pixel_space": False, "flow_shift": 3.0,
+                  "max_text_length": args.text_length, "gradient_checkpointing": not args.no_checkpointing},
+        "roles": {"teacher": {"trainable": False},
+                  "student": {"init_from": "teacher", "trainable": True},
+                  "critic": {"init_from": "teacher", "trainable": True}},
+        "method": "dmd2",
+        "method_config": {"rollout_mode": "simulate", "dmd_denoising_steps": [1000, 750, 500, 250],
+                          "warp_denoising_step": True, "generator_update_interval": args.interval,
+                          "real_score_guidance_scale": 3.5},
+        "training": {"max_steps": args.iterations, "batch_size": 1, "learning_rate": 2e-6, "betas": [0.0, 0.999],
+                     "fake_score_learning_rate": 8e-6, "progress_bar": False, "log_every": 1},
+        "data": {"prompts": ["unused: embeddings are given"], "num_frames": args.frames,
+                 "height": args.height, "width": args.width},
+        "deepspeed": {"zero_optimization": {"stage": args.zero_stage}},
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="wan2.1-1.3b")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--text-length", type=int, default=512)
+    p.add_argument("--text-dim", type=int, default=4096)
+    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--interval", type=int, default=5)
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--output", default="runs/bench-dmd2-step")
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args(argv)
+
+    from distill.training.trainer import Trainer
+
+    cfg = build_config(bench_config(args))
+    cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, dataset=RandomEmbeddings(4, args.text_length, args.text_dim))
+    build_seconds = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    rows = []
+    while trainer.iteration < args.iterations:
+        start = time.perf_counter()
+        values = trainer.train_iteration()
+        if cuda:
+            torch.cuda.synchronize()
+        rows.append({"iteration": trainer.iteration - 1, "seconds": time.perf_counter() - start,
+                     "student_update": bool(values["updated_student"]), "rollout_k": int(values["rollout_k"]),
+                     "critic_loss": values["critic_loss"], "generator_loss": values.get("generator_loss")})
+        print(json.dumps(rows[-1]), flush=True)
+
+    warm = [r for r in rows if r["iteration"] >= 2]  # the first update and the first critic-only are warm-up
+    upd = [r["seconds"] for r in warm if r["student_update"]]
+    crit = [r["seconds"] for r in warm if not r["student_update"]]
+    result = {
+        "card": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "versions": _versions(),
+        "shape": {"frames": args.frames, "height": args.height, "width": args.width, "batch": 1},
+        "preset": args.preset,
+        "zero_stage": args.zero_stage,
+        "activation_checkpointing": not args.no_checkpointing,
+        "build_seconds": round(build_seconds, 2),
+        "student_update_seconds_median": statistics.median(upd) if upd else None,
+        "student_update_seconds_all": [round(s, 3) for s in upd],
+        "student_update_rollout_k": [r["rollout_k"] for r in warm if r["student_update"]],
+        "critic_only_seconds_median": statistics.median(crit) if crit else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "iterations": rows,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "iterations"}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _versions() -> dict:
+    import deepspeed
+    import diffusers
+
+    out = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+if __name__ == "__main__":
+    main()
