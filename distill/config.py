@@ -202,7 +202,7 @@ class Config:
     """Artifact storage settings."""
 
     def validate(self, path: str) -> None:
-        for key in ("bf16", "fp16", "amp"):
+        for key in ("bf16", "bfloat16", "fp16", "amp"):  # bfloat16: DeepSpeed's alias of bf16
             if key in self.deepspeed:
                 raise ConfigError(f"deepspeed.{key}: set training.mixed_precision instead (auto = bf16 on GPU, fp32 on CPU)")
         for key in ("optimizer", "scheduler"):
@@ -315,14 +315,14 @@ def build_section(cls: type, data: Any, path: str) -> Any:
 def _positive(obj: Any, path: str, *keys: str) -> None:
     for key in keys:
         value = getattr(obj, key)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # `not >` also rejects NaN
             raise ConfigError(f"{path}.{key}: must be > 0, got {value}")
 
 
 def _non_negative(obj: Any, path: str, *keys: str) -> None:
     for key in keys:
         value = getattr(obj, key)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:  # `not >=` also rejects NaN
             raise ConfigError(f"{path}.{key}: must be >= 0, got {value}")
 
 

@@ -63,7 +63,7 @@ class DMD2Config:
                 f"{path}.min_timestep_ratio ({self.min_timestep_ratio}) must not exceed "
                 f"{path}.max_timestep_ratio ({self.max_timestep_ratio})"
             )
-        if self.real_score_guidance_scale < 0:
+        if not self.real_score_guidance_scale >= 0:  # also rejects NaN
             raise ConfigError(f"{path}.real_score_guidance_scale: must be >= 0, got {self.real_score_guidance_scale}")
 
     @property

@@ -1,0 +1,152 @@
+"""The trainer with real DeepSpeed engines (one process, gloo) over tiny random Wan roles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill.adapter import BatchError
+from distill.cli import main as cli_main
+from distill.config import ConfigError
+from distill.training.metrics import read_metrics
+from distill.training.trainer import Trainer
+from tiny import LatentDataset, tiny_config
+
+
+def snapshot(handle) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in handle.modules["transformer"].state_dict().items()}
+
+
+def changed(before: dict, handle) -> bool:
+    after = handle.modules["transformer"].state_dict()
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_teacher_frozen_student_every_interval_critic_every_iteration(run_dir):
+    cfg = tiny_config(run_dir, method_config={"generator_update_interval": 3}, training={"max_steps": 7})
+    trainer = Trainer(cfg)
+    teacher, student, critic = (trainer.roles[n] for n in ("teacher", "student", "critic"))
+    teacher_start = snapshot(teacher)
+    assert student.engine is not None and critic.engine is not None and teacher.engine is None
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+    for it in range(7):
+        s, c = snapshot(student), snapshot(critic)
+        metrics = trainer.train_iteration()
+        assert changed(s, student) == (it % 3 == 0), f"student at iteration {it}"
+        assert changed(c, critic), f"critic at iteration {it}"
+        assert metrics["updated_student"] == float(it % 3 == 0)
+        assert all(p.grad is None for p in teacher.parameters())
+
+    assert student.engine.global_steps == 3 and critic.engine.global_steps == 7
+    for k, v in teacher.modules["transformer"].state_dict().items():
+        assert torch.equal(v, teacher_start[k]), k
+
+
+def test_gradient_accumulation_steps_once_per_iteration(run_dir):
+    cfg = tiny_config(run_dir, training={"max_steps": 4, "gradient_accumulation_steps": 2},
+                      method_config={"generator_update_interval": 2})
+    trainer = Trainer(cfg)
+    for _ in range(4):
+        trainer.train_iteration()
+    assert trainer.roles["critic"].engine.global_steps == 4
+    assert trainer.roles["student"].engine.global_steps == 2
+
+
+def test_lr_schedule_runs_through_the_engine(run_dir):
+    cfg = tiny_config(run_dir, training={"max_steps": 4, "lr_scheduler": "linear", "learning_rate": 1e-3,
+                                         "fake_score_learning_rate": 2e-3},
+                      method_config={"generator_update_interval": 1})
+    trainer = Trainer(cfg)
+    lrs = [trainer.train_iteration()["critic_lr"] for _ in range(3)]
+    assert lrs[0] > lrs[1] > lrs[2] > 0
+    assert trainer.roles["student"].lr < 1e-3
+
+
+def test_data_latent_without_latents_fails_before_models_are_built(run_dir, monkeypatch):
+    cfg = tiny_config(run_dir, method_config={"rollout_mode": "data_latent"})
+    built = []
+    monkeypatch.setattr("distill.models.base.ModelPlugin.build_roles", lambda self: built.append(1))
+    with pytest.raises(ConfigError, match="no 'pixels'.*rollout_mode: simulate"):
+        Trainer(cfg)
+    assert not built
+
+
+def test_data_latent_batch_without_vae_latent_is_a_clear_error(run_dir):
+    cfg = tiny_config(run_dir, model={"pixel_space": False}, data={"num_frames": 5, "height": 16, "width": 16},
+                      method_config={"rollout_mode": "data_latent"})
+    trainer = Trainer(cfg, dataset=LatentDataset("vae_latent", (4, 2, 2, 2)))
+    with pytest.raises(BatchError, match="no 'vae_latent'.*keys: prompt"):
+        trainer.method.train_step({"prompt": ["a red circle moving left"]}, 0)
+
+
+def test_data_latent_trains_on_vae_latents(run_dir):
+    cfg = tiny_config(run_dir, model={"pixel_space": False}, data={"num_frames": 5, "height": 16, "width": 16},
+                      method_config={"rollout_mode": "data_latent", "generator_update_interval": 1},
+                      training={"max_steps": 3, "batch_size": 2})
+    trainer = Trainer(cfg, dataset=LatentDataset("vae_latent", (4, 2, 2, 2)))
+    history = trainer.train()
+    assert len(history) == 3 and all(h["generator_loss"] > 0 for h in history)
+
+
+def test_same_seed_same_losses(tmp_path):
+    def losses(out):
+        cfg = tiny_config(out, training={"max_steps": 6}, method_config={"generator_update_interval": 2})
+        return [(h["critic_loss"], h.get("generator_loss")) for h in Trainer(cfg).train()]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_flow_matching_fits_fixed_data_and_validates(run_dir):
+    cfg = tiny_config(run_dir, method="flow_matching", training={"max_steps": 100, "learning_rate": 3e-3, "log_every": 25},
+                      method_config={"cond_dropout": 0.0, "validation_steps": 3, "validation_guidance_scale": 2.0},
+                      validation={"every": 100, "seeds": [0]})
+    trainer = Trainer(cfg, dataset=LatentDataset("pixels", (3, 1, 16, 16), n=2))
+    history = trainer.train()
+    assert history[-1]["flow_matching_loss"] < 0.8 * history[0]["flow_matching_loss"]
+    meta = json.loads((run_dir / "validation" / "step-000100" / "meta.json").read_text())
+    assert meta["sampler_kind"] == "ode" and len(meta["timesteps"]) == 3
+    assert meta["function_evaluations_per_video"] == 6  # CFG: two passes per step
+
+
+def test_cli_train_writes_metrics_config_and_validation_videos(run_dir, tmp_path, capsys):
+    import yaml
+
+    from tiny import tiny_raw
+
+    raw = tiny_raw(run_dir, training={"max_steps": 10, "log_every": 5},
+                   validation={"every": 5, "seeds": [0, 1], "prompts": ["a red circle moving left"]})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["train", str(path), "--set", "method_config.generator_update_interval=2"]) == 0
+    assert "trained 10 iterations" in capsys.readouterr().out
+
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [5, 10]
+    for key in ("generator_loss", "critic_loss", "student_grad_norm", "critic_grad_norm", "student_lr", "critic_lr",
+                "updated_student"):
+        assert key in rows[0], key
+    assert list((run_dir / "tb").iterdir())
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["method_config"]["generator_update_interval"] == 2
+    for step in ("step-000005", "step-000010"):
+        folder = run_dir / "validation" / step
+        assert (folder / "contact.png").stat().st_size > 0
+        videos = sorted(p.name for p in folder.glob("*.mp4"))
+        assert videos == ["p00-s0.mp4", "p00-s1.mp4"]
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["sampler_kind"] == "sde" and meta["timesteps"] == [1000.0, 750.0, 500.0, 250.0]
+
+
+def test_cli_reports_config_error(tmp_path, capsys):
+    import yaml
+
+    from tiny import tiny_raw
+
+    raw = tiny_raw(tmp_path / "run", training={"learning_rate": 0})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["train", str(path)]) == 2
+    assert "training.learning_rate" in capsys.readouterr().err
