@@ -1,7 +1,6 @@
 """`distill` command line: `distill train CONFIG [--set key.path=value ...]`.
 
-Under the deepspeed launcher: `deepspeed --num_gpus 2 -m distill.cli train CONFIG`
-(on CPU: `deepspeed --num_gpus 2 --bind_cores_to_rank ...` is not needed; ranks use gloo).
+Several ranks: `deepspeed --num_gpus 2 $(which distill) train CONFIG` (NCCL on GPU, gloo on CPU).
 """
 
 from __future__ import annotations
@@ -14,12 +13,13 @@ from distill.config import ConfigError, load_config
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distil video diffusion models into few-step students.")
+    # The deepspeed launcher passes --local_rank before the subcommand; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a run from a YAML config")
     train.add_argument("config", help="run config (YAML)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
-    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     check = sub.add_parser("check-config", help="load and check a config, print the resolved version")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -59,9 +59,26 @@ class ModelPlugin(ABC):
                 if self.cfg.model.gradient_checkpointing:
                     module.enable_gradient_checkpointing()
             else:
-                module.eval().requires_grad_(False).to(self.frozen_dtype)
+                cast_frozen(module.eval().requires_grad_(False), self.frozen_dtype)
             handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
         return RoleManager(handles)
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a frozen module, keeping the submodules its class marks `_keep_in_fp32_modules` in fp32.
+
+    This is what diffusers' `from_pretrained(torch_dtype=...)` does; its `ModelMixin.to(dtype)`
+    casts everything (and warns), so the plain nn.Module cast is used here.
+    """
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    nn.Module.to(module, dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    if dtype != torch.float32 and keep:
+        for name, sub in module.named_modules():
+            if any(k in name.split(".") for k in keep):
+                nn.Module.to(sub, torch.float32)
+    return module
 
 
 def _init_order(roles: dict) -> list[str]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from distill.adapter import Batch, BatchError, LatentsSource
 from distill.config import Config, ConfigError
-from distill.models.base import ModelPlugin
+from distill.models.base import ModelPlugin, cast_frozen
 from distill.registry import register_model
 from distill.roles import RoleHandle
 
@@ -32,7 +32,10 @@ PRESETS: dict[str, dict] = {
             ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ),
         text_encoder=_TINY_TEXT,
-        vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
+        vae=dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
     ),
     # The Wan2.1-T2V-1.3B architecture (random weights): 30 blocks, 12 heads of 128, UMT5-XXL text, Wan 2.1 VAE.
     "wan2.1-1.3b": dict(
@@ -120,7 +123,7 @@ class WanPlugin(ModelPlugin):
         return self._text_encoder
 
     def _frozen(self, module: nn.Module) -> nn.Module:
-        return module.to(self.device, self.frozen_dtype).eval().requires_grad_(False)
+        return cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
 
     def video_latent_shape(self, num_frames: int, height: int, width: int, key: str = "validation") -> tuple[int, ...]:
         """(C, F, H, W) of the transformer's input for a video of this size; errors name `key`."""
@@ -170,7 +173,7 @@ class WanPlugin(ModelPlugin):
                 raise BatchError(
                     f"this method trains on data latents, but the batch has no {self.latents_key!r} "
                     f"(keys: {', '.join(raw)}); preprocess videos into shards that carry it, "
-                    f"or use a mode that needs prompts only (dmd2 rollout_mode: simulate)"
+                    f"or configure the method to start from noise (prompts only)"
                 )
             latents = raw[self.latents_key].to(self.device, torch.float32)
             from_data = True
