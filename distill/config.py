@@ -164,6 +164,8 @@ class ValidationConfig:
     """Width; unset = data.width."""
     fps: int = 8
     """Frame rate of the written videos."""
+    video_format: Literal["mp4", "gif"] = "mp4"
+    """mp4 (H.264 through imageio-ffmpeg) or gif (Pillow only)."""
 
     def validate(self, path: str) -> None:
         _non_negative(self, path, "every")

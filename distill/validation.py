@@ -31,6 +31,7 @@ class ValidationRequest:
     """Standard CFG scale: uncond + w (cond - uncond); 1 = conditional only (no uncond pass)."""
     negative_prompt: str = ""
     fps: int = 8
+    video_format: Literal["mp4", "gif"] = "mp4"
 
     def __post_init__(self) -> None:
         if (self.sampling_timesteps is None) == (self.num_inference_steps is None):

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distill.config import ConfigError
+
 
 def to_uint8_frames(video: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """(C, F, H, W) tensor or (F, H, W, C) array in `value_range` -> (F, H, W, 3) uint8."""
@@ -19,13 +21,26 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray, value_range: tuple[float, 
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """Write an mp4 (H.264 through imageio's bundled ffmpeg)."""
-    import imageio.v3 as iio
-
+    """Write `.mp4` (H.264 through imageio-ffmpeg's bundled ffmpeg) or `.gif` (Pillow), by suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        return path
+    import imageio.v3 as iio
+
     iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1)
     return path
+
+
+def check_video_format(video_format: str) -> None:
+    """Fail early when mp4 is asked for and imageio-ffmpeg is missing."""
+    if video_format == "mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ConfigError("validation.video_format: mp4 needs imageio-ffmpeg; install it or set gif") from None
 
 
 def contact_sheet(videos: list[np.ndarray], path: str | Path, max_columns: int = 8) -> Path:

@@ -72,6 +72,16 @@ def test_validator_samples_exactly_the_requested_timesteps(run_dir, tmp_path, ki
     assert (tmp_path / kind / "contact.png").exists() and len(result.videos) == 1
 
 
+def test_gif_videos_need_no_ffmpeg(run_dir, tmp_path):
+    from PIL import Image
+
+    plugin, roles = plugin_and_roles(tiny_config(run_dir, data={"num_frames": 3}))
+    result = plugin.validator().run(request(roles["student"], tmp_path, sampler_kind="sde", num_frames=3,
+                                            sampling_timesteps=[1000.0], video_format="gif"))
+    assert result.videos[0].endswith(".gif")
+    assert Image.open(result.videos[0]).n_frames == 3
+
+
 def test_sde_sampling_is_reproducible_per_seed(run_dir):
     plugin, roles = plugin_and_roles(tiny_config(run_dir))
     validator = plugin.validator()

@@ -89,6 +89,7 @@ class DistillMethod(ABC):
             width=v.width or d.width,
             negative_prompt=d.negative_prompt,
             fps=v.fps,
+            video_format=v.video_format,
             output_dir=output_dir,
             **sampling,
         )

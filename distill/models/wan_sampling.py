@@ -101,7 +101,7 @@ class WanValidator:
                         videos.append(to_uint8_frames(out[0]))  # pixels in [-1, 1]
                     else:
                         videos.append(to_uint8_frames(out[0], value_range=(0.0, 1.0)))
-                    names.append(f"p{p_idx:02d}-s{seed}.mp4")
+                    names.append(f"p{p_idx:02d}-s{seed}.{request.video_format}")
         finally:
             transformer.train(was_training)
 

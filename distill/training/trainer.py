@@ -20,6 +20,7 @@ from distill.data.prompts import PromptDataset, batch_stream
 from distill.training.distributed import all_reduce_mean, init_distributed
 from distill.training.engines import wrap_in_engines
 from distill.training.metrics import MetricsLog
+from distill.video import check_video_format
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -50,6 +51,8 @@ class Trainer:
         )
         self.dataset = dataset if dataset is not None else PromptDataset(cfg.data.prompts)
         self.check_data(spec.cls)
+        if cfg.validation.every:
+            check_video_format(cfg.validation.video_format)
 
         # 2. Roles, method, engines.
         self.roles = self.plugin.build_roles()
