@@ -45,7 +45,7 @@ def base_raw() -> dict:
             "learning_rate": 1.0e-4,
             "betas": [0.0, 0.999],
             "weight_decay": 0.01,
-            "fake_score_learning_rate": 4.0e-4,
+            "fake_score_learning_rate": 1.0e-3,
             "max_grad_norm": 1.0,
             "log_every": 10,
         },
@@ -107,7 +107,7 @@ def test_example_config_loads():
     assert cfg.training.learning_rate == pytest.approx(1e-4)
     assert isinstance(cfg.training.learning_rate, float)
     assert cfg.training.betas == (0.0, 0.999)
-    assert cfg.training.fake_score_learning_rate == pytest.approx(4e-4)
+    assert cfg.training.fake_score_learning_rate == pytest.approx(1e-3)
     assert cfg.deepspeed == {"zero_optimization": {"stage": 2}}
 
 
@@ -350,7 +350,7 @@ def test_unset_fake_score_keys_stay_none():
     assert tr.learning_rate == pytest.approx(1e-4)
     # and a set fake_score key is kept, as a float
     cfg = load_config(TINY_DMD2)
-    assert cfg.training.fake_score_learning_rate == pytest.approx(4e-4)
+    assert cfg.training.fake_score_learning_rate == pytest.approx(1e-3)
     assert cfg.training.fake_score_betas is None
 
 
