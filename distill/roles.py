@@ -31,6 +31,8 @@ class RoleHandle:
     lr_scheduler: Any = None
     max_grad_norm: float = 0.0
     engine: Any = None
+    optimizer_steps: int = 0
+    """Optimizer steps applied so far (micro-batch steps inside an accumulation window don't count)."""
     last_grad_norm: float | None = field(default=None, repr=False)
 
     def module(self, key: str = "transformer") -> nn.Module:
@@ -56,16 +58,16 @@ class RoleHandle:
         """Optimizer step (the engine applies it at the accumulation boundary), then zero grads."""
         if self.engine is not None:
             self.engine.step()
-            if self.engine.was_step_applied() and self.engine.is_gradient_accumulation_boundary():
+            if self.engine.was_step_applied():  # True only where the accumulation boundary applied a step
                 norm = self.engine.get_global_grad_norm()
-            else:
-                norm = self.last_grad_norm
-            self.last_grad_norm = float(norm) if norm is not None else None
+                self.last_grad_norm = float(norm) if norm is not None else None
+                self.optimizer_steps += 1
             return
         params = self.trainable_parameters()
         if self.max_grad_norm > 0:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         self.optimizer.step()
+        self.optimizer_steps += 1
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

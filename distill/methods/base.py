@@ -71,7 +71,7 @@ class DistillMethod(ABC):
 
     @abstractmethod
     def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
-        """Run one micro-batch of iteration `iteration`; return scalars to log."""
+        """Run one micro-batch of iteration `iteration`; return scalars to log (losses; the trainer adds grad norms and lrs)."""
 
     def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
         """Sample validation videos (every rank calls; only a rank with an output_dir writes)."""

@@ -88,11 +88,18 @@ class Trainer:
         """One iteration: every micro-batch through the method; metrics averaged over micro-batches and ranks."""
         sums: dict[str, float] = {}
         n = self.cfg.training.gradient_accumulation_steps
+        trainable = self.roles.trainable()
+        steps_before = [h.optimizer_steps for h in trainable]
         for _ in range(n):
             for key, value in self.method.train_step(next(self.batches), self.iteration).items():
                 sums[key] = sums.get(key, 0.0) + value
+        values = {k: v / n for k, v in sums.items()}
+        for handle, before in zip(trainable, steps_before):
+            values[f"{handle.name}_lr"] = handle.lr
+            if handle.optimizer_steps > before and handle.last_grad_norm is not None:  # the same on every rank
+                values[f"{handle.name}_grad_norm"] = handle.last_grad_norm
         self.iteration += 1
-        return all_reduce_mean({k: v / n for k, v in sums.items()}, self.device)
+        return all_reduce_mean(values, self.device)
 
     def validation_due(self) -> bool:
         every = self.cfg.validation.every

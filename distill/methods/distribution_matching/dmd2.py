@@ -6,6 +6,7 @@ One iteration i, per micro-batch:
   3. on student-update iterations (i % generator_update_interval == 0): the DMD loss
      grad = (fake − real) / mean_per_sample |x̂0 − real|,  loss_G = ½ mse(x̂0, x̂0 − grad)
   4. every iteration: the critic's flow-matching loss on the (detached) student sample
+The trainer logs each role's grad norm and learning rate beside the losses returned here.
 
 Guidance convention: `real = uncond + w (cond − uncond)` with w = real_score_guidance_scale
 (standard CFG; w = 1 is conditional only). Configs written for the other convention,
@@ -161,7 +162,6 @@ class DMD2(DistillMethod):
             self.student.backward(loss_g)
             self.student.step()
             metrics["generator_loss"] = loss_g.item()
-            metrics["student_grad_norm"] = _or_nan(self.student.last_grad_norm)
 
         # 3. Critic update on the student's sample (reused, detached).
         loss_c = self.critic_loss(x0_student.detach(), batch)
@@ -169,9 +169,6 @@ class DMD2(DistillMethod):
         self.critic.backward(loss_c)
         self.critic.step()
         metrics["critic_loss"] = loss_c.item()
-        metrics["critic_grad_norm"] = _or_nan(self.critic.last_grad_norm)
-        metrics["student_lr"] = self.student.lr
-        metrics["critic_lr"] = self.critic.lr
         return metrics
 
     def pick_rollout_index(self) -> int:
@@ -255,7 +252,3 @@ def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -
         normalizer = (x0 - real.float()).abs().mean(dim=dims, keepdim=True)
         grad = torch.nan_to_num((fake.float() - real.float()) / normalizer)
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
-
-
-def _or_nan(value: float | None) -> float:
-    return float("nan") if value is None else float(value)

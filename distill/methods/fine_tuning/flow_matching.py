@@ -84,11 +84,7 @@ class FlowMatching(DistillMethod):
         check_finite(loss, "flow_matching_loss", iteration)
         self.model.backward(loss)
         self.model.step()
-        return {
-            "flow_matching_loss": loss.item(),
-            "grad_norm": float("nan") if self.model.last_grad_norm is None else self.model.last_grad_norm,
-            "lr": self.model.lr,
-        }
+        return {"flow_matching_loss": loss.item()}
 
     def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
         if self.validator is None:
