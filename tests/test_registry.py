@@ -18,7 +18,7 @@ NEW_METHOD = textwrap.dedent('''
 
     import torch.nn.functional as F
 
-    from distill.methods.base import DistillMethod, make_optimizer
+    from distill.methods.base import DistillMethod, make_optimizer, optimizer_settings
     from distill.registry import register_method
 
 
@@ -37,10 +37,7 @@ NEW_METHOD = textwrap.dedent('''
             return {method_cfg.role: True}
 
         def build_optimizers(self):
-            tr = self.cfg.training
-            make_optimizer(self.roles[self.method_cfg.role], lr=tr.learning_rate, betas=tr.betas,
-                           weight_decay=tr.weight_decay, eps=tr.eps, schedule=tr.lr_scheduler,
-                           warmup_steps=tr.warmup_steps, total_steps=tr.max_steps, max_grad_norm=tr.max_grad_norm)
+            make_optimizer(self.roles[self.method_cfg.role], **optimizer_settings(self.cfg.training))
 
         def train_step(self, raw_batch, iteration):
             batch = self.adapter.prepare_batch(raw_batch, latents_source="data")

@@ -122,6 +122,21 @@ def check_finite(loss: torch.Tensor, name: str, iteration: int) -> None:
         raise FloatingPointError(f"{name} is {loss.item()} at iteration {iteration}; stopping before the optimizer step")
 
 
+def optimizer_settings(training: Any, prefix: str = "") -> dict[str, Any]:
+    """AdamW and schedule settings from `training`; with a prefix (`fake_score_`), each unset
+    prefixed key falls back to its unprefixed twin, key by key."""
+
+    def pick(key: str) -> Any:
+        value = getattr(training, prefix + key) if prefix else None
+        return getattr(training, key) if value is None else value
+
+    return dict(
+        lr=pick("learning_rate"), betas=pick("betas"), weight_decay=pick("weight_decay"), eps=pick("eps"),
+        schedule=pick("lr_scheduler"), warmup_steps=pick("warmup_steps"), max_grad_norm=pick("max_grad_norm"),
+        total_steps=training.max_steps,
+    )
+
+
 def make_optimizer(
     handle: RoleHandle,
     *,

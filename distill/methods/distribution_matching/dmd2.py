@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from distill.adapter import Batch, LatentsSource
 from distill.config import Config, ConfigError
-from distill.methods.base import DistillMethod, check_finite, make_optimizer
+from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
 from distill.validation import ValidationResult
@@ -111,21 +111,8 @@ class DMD2(DistillMethod):
 
     def build_optimizers(self) -> None:
         tr = self.cfg.training
-
-        def pick(key: str):
-            value = getattr(tr, f"fake_score_{key}")
-            return getattr(tr, key) if value is None else value
-
-        common = dict(total_steps=tr.max_steps)
-        make_optimizer(
-            self.roles["student"], lr=tr.learning_rate, betas=tr.betas, weight_decay=tr.weight_decay, eps=tr.eps,
-            schedule=tr.lr_scheduler, warmup_steps=tr.warmup_steps, max_grad_norm=tr.max_grad_norm, **common,
-        )
-        make_optimizer(
-            self.roles["critic"], lr=pick("learning_rate"), betas=pick("betas"), weight_decay=pick("weight_decay"),
-            eps=pick("eps"), schedule=pick("lr_scheduler"), warmup_steps=pick("warmup_steps"),
-            max_grad_norm=pick("max_grad_norm"), **common,
-        )
+        make_optimizer(self.roles["student"], **optimizer_settings(tr))
+        make_optimizer(self.roles["critic"], **optimizer_settings(tr, prefix="fake_score_"))
 
     def _denoising_steps(self) -> torch.Tensor:
         steps = torch.tensor(self.method_cfg.dmd_denoising_steps, dtype=torch.float32)

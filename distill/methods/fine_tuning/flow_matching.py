@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from distill.adapter import Batch, LatentsSource
 from distill.config import ConfigError
-from distill.methods.base import DistillMethod, check_finite, make_optimizer
+from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
 from distill.validation import ValidationResult
@@ -62,12 +62,7 @@ class FlowMatching(DistillMethod):
         self.model = self.roles[self.method_cfg.role]
 
     def build_optimizers(self) -> None:
-        tr = self.cfg.training
-        make_optimizer(
-            self.roles[self.method_cfg.role], lr=tr.learning_rate, betas=tr.betas, weight_decay=tr.weight_decay,
-            eps=tr.eps, schedule=tr.lr_scheduler, warmup_steps=tr.warmup_steps, total_steps=tr.max_steps,
-            max_grad_norm=tr.max_grad_norm,
-        )
+        make_optimizer(self.roles[self.method_cfg.role], **optimizer_settings(self.cfg.training))
 
     def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
         batch = self.adapter.prepare_batch(raw_batch, latents_source="data")
