@@ -138,8 +138,7 @@ class DMD2(DistillMethod):
         metrics: dict[str, float] = {"updated_student": float(update_student)}
 
         # 1. Student rollout (with grad only where the student learns this iteration).
-        with torch.set_grad_enabled(update_student):
-            x0_student, k = self.rollout(batch, grad=update_student)
+        x0_student, k = self.rollout(batch, grad=update_student)
         metrics["rollout_k"] = float(k)
 
         # 2. Student update: the distribution-matching loss.
