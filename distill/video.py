@@ -48,7 +48,8 @@ def read_video(path: str | Path) -> np.ndarray:
     try:
         frames = np.asarray(iio.imread(path))
     except Exception as err:  # imageio raises many types for corrupt input
-        raise VideoReadError(f"{path}: cannot decode video ({type(err).__name__}: {err})") from None
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise VideoReadError(f"{path}: cannot decode video ({type(err).__name__}: {first_line})") from None
     if frames.ndim == 3:  # a single grey frame or image
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[0] == 0:
