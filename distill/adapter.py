@@ -11,10 +11,12 @@ from typing import Literal
 
 import torch
 
+from distill.errors import InputError
+
 LatentsSource = Literal["data", "zeros"]
 
 
-class BatchError(ValueError):
+class BatchError(InputError):
     """A batch lacks what the method asked for (e.g. `vae_latent` for data latents)."""
 
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from distill.config import ConfigError, load_config
+from distill.errors import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config (YAML)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
+    prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
+    prep.add_argument("config", help="run config (YAML): its model and data sections")
+    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check = sub.add_parser("check-config", help="load and check a config, print the resolved version")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -37,12 +41,19 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        if args.command == "preprocess":
+            from distill.data.preprocess import preprocess
+
+            manifest = preprocess(cfg)
+            print(f"shards ready: {manifest}")
+            return 0
         from distill.training.trainer import Trainer
 
         trainer = Trainer(cfg)
         history = trainer.train()
-    except ConfigError as err:
-        print(f"distill: config error: {err}", file=sys.stderr)
+    except InputError as err:
+        kind = "config error" if isinstance(err, ConfigError) else "input error"
+        print(f"distill: {kind}: {err}", file=sys.stderr)
         return 2
     if trainer.dist.is_main and history:
         last = history[-1]

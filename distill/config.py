@@ -19,8 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+from distill.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config value is unknown, mistyped or impossible; the message names the key path."""
 
 
@@ -55,6 +57,8 @@ class ModelConfig:
     """Token length that prompt embeddings are padded to."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass of trainable transformers."""
+    init_seed: int = 0
+    """Seed of a preset's random weights: the same seed gives the same weights in every run and tool."""
 
     def validate(self, path: str) -> None:
         if (self.preset is None) == (self.path is None):
@@ -132,20 +136,32 @@ class TrainingConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     prompts: list[str] = field(default_factory=list)
-    """Training prompts (prompt-only data: enough for rollout_mode simulate)."""
+    """Inline training prompts (prompt-only data: enough for rollout_mode simulate)."""
+    videos: str | None = None
+    """A folder holding a captions table and the videos it names: the input of `distill preprocess`."""
+    captions_file: str = "captions.csv"
+    """The captions table inside `videos`: CSV or parquet with columns `video` (path relative to the folder) and `caption`."""
+    shards: str | None = None
+    """Shard folder: written by `distill preprocess`, read by `distill train` (takes precedence over prompts)."""
+    prompt_only: bool = False
+    """Preprocess text embeddings only (captions of `videos`, or `prompts`): shards for rollout_mode simulate."""
+    shard_size: int = 256
+    """Samples per shard file."""
+    preprocess_batch_size: int = 8
+    """Videos encoded together by `distill preprocess`."""
     negative_prompt: str = ""
     """Prompt of the unconditional branch of classifier-free guidance."""
     num_frames: int = 9
-    """Frames of a training video."""
+    """Frames of a training video (the first num_frames of each video)."""
     height: int = 32
-    """Height of a training video in pixels."""
+    """Height of a training video in pixels (videos are centre-cropped and resized to it)."""
     width: int = 32
     """Width of a training video in pixels."""
 
     def validate(self, path: str) -> None:
-        if not self.prompts:
-            raise ConfigError(f"{path}.prompts: the data set is empty; give at least one prompt")
-        _positive(self, path, "num_frames", "height", "width")
+        if not (self.prompts or self.videos or self.shards):
+            raise ConfigError(f"{path}: the data set is empty; give {path}.prompts, {path}.videos or {path}.shards")
+        _positive(self, path, "num_frames", "height", "width", "shard_size", "preprocess_batch_size")
 
 
 @dataclass(kw_only=True)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from distill.config import ConfigError
+from distill.errors import InputError
 
 
 def to_uint8_frames(video: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
@@ -36,7 +37,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     return path
 
 
-class VideoReadError(ValueError):
+class VideoReadError(InputError):
     """A video file cannot be decoded; the message names the file."""
 
 

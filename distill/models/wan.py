@@ -8,6 +8,7 @@ directly on videos in [-1, 1] with no VAE.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ _TINY_TEXT = dict(
     vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
 )
+_PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3}
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         transformer=dict(
@@ -78,12 +80,21 @@ class WanPlugin(ModelPlugin):
     def _preset(self, part: str) -> dict:
         return dict(PRESETS[self.cfg.model.preset][part])
 
+    @contextlib.contextmanager
+    def _preset_seed(self, part: str):
+        """Random preset weights depend on model.init_seed and the part alone, not on call order."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.model.init_seed * 1009 + _PART_SEEDS[part])
+            yield
+
     def new_denoiser(self) -> WanTransformer3DModel:
         m = self.cfg.model
         if m.path is not None:
             return self.load_denoiser(m.path, key="model.path")
         channels = 3 if m.pixel_space else self.vae.config.z_dim
-        with torch.device(self.device):  # random init straight on the device: 1.3B params init fast there
+        # Random init straight on the device: 1.3B params init fast there.
+        with torch.device(self.device), self._preset_seed("transformer"):
             return WanTransformer3DModel(**self._preset("transformer"), in_channels=channels, out_channels=channels)
 
     def load_denoiser(self, path: str, key: str) -> WanTransformer3DModel:
@@ -99,7 +110,8 @@ class WanPlugin(ModelPlugin):
     def _load_vae(self) -> AutoencoderKLWan:
         if self.cfg.model.path is not None:
             return AutoencoderKLWan.from_pretrained(self.cfg.model.path, subfolder="vae", torch_dtype=torch.float32)
-        return AutoencoderKLWan(**self._preset("vae"))
+        with self._preset_seed("vae"):
+            return AutoencoderKLWan(**self._preset("vae"))
 
     def _load_tokenizer(self):
         if self.cfg.model.path is not None:
@@ -118,7 +130,8 @@ class WanPlugin(ModelPlugin):
             if self.cfg.model.path is not None:
                 encoder = UMT5EncoderModel.from_pretrained(self.cfg.model.path, subfolder="text_encoder")
             else:
-                encoder = UMT5EncoderModel(UMT5Config(**self._preset("text_encoder")))
+                with self._preset_seed("text_encoder"):
+                    encoder = UMT5EncoderModel(UMT5Config(**self._preset("text_encoder")))
             self._text_encoder = self._frozen(encoder)
         return self._text_encoder
 
@@ -139,20 +152,52 @@ class WanPlugin(ModelPlugin):
                 raise ConfigError(f"{key}.{name}: {size} must be a multiple of {s_factor * patch[1]}")
         return (self.latent_channels, (num_frames - 1) // t_factor + 1, height // s_factor, width // s_factor)
 
-    # -- text ------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What preprocessed data depends on: the VAE / pixel space and the text encoder, and their settings."""
+        m = self.cfg.model
+        return {
+            "family": m.family,
+            "weights": m.path if m.path is not None else f"preset:{m.preset}:init_seed={m.init_seed}",
+            "pixel_space": m.pixel_space,
+            "max_text_length": m.max_text_length,
+            "latent_channels": self.latent_channels,
+        }
+
+    # -- encoding (text, videos) ------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """UMT5 embeddings (B, max_text_length, D), padded with zeros as WanPipeline does; cached."""
+    def encode_prompts(self, prompts: list[str], cache: bool = True) -> torch.Tensor:
+        """UMT5 embeddings (B, max_text_length, D), padded with zeros as WanPipeline does.
+
+        `cache` keeps each prompt's embedding (training and validation prompts repeat);
+        preprocessing of a large caption set passes False.
+        """
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
-        if missing:
-            pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=None, scheduler=self.noise_scheduler)
-            embeds, _ = pipe.encode_prompt(
-                missing, do_classifier_free_guidance=False, max_sequence_length=self.cfg.model.max_text_length,
-                device=self.device, dtype=torch.float32,
-            )
-            self._embeds.update(zip(missing, embeds))
-        return torch.stack([self._embeds[p] for p in prompts])
+        if not missing:
+            return torch.stack([self._embeds[p] for p in prompts])
+        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=None, scheduler=self.noise_scheduler)
+        embeds, _ = pipe.encode_prompt(
+            missing, do_classifier_free_guidance=False, max_sequence_length=self.cfg.model.max_text_length,
+            device=self.device, dtype=torch.float32,
+        )
+        found = dict(zip(missing, embeds))
+        if cache:
+            self._embeds.update(found)
+        return torch.stack([self._embeds[p] if p in self._embeds else found[p] for p in prompts])
+
+    @torch.no_grad()
+    def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> the transformer's x0: pixels as they are, or normalised VAE latents.
+
+        The normalisation (z − latents_mean) / latents_std is the inverse of what WanPipeline
+        applies before decoding.
+        """
+        if self.vae is None:
+            return videos
+        z = self.vae.encode(videos.to(self.device, self.vae.dtype)).latent_dist.mode().float()
+        mean = torch.tensor(self.vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+        return (z - mean) / std
 
     # -- adapter primitives ----------------------------------------------------------------
 

@@ -16,7 +16,9 @@ import yaml
 
 from distill import registry
 from distill.config import Config, ConfigError, to_dict
-from distill.data.prompts import PromptDataset, batch_stream
+from distill.data.loader import BatchLoader
+from distill.data.prompts import PromptDataset
+from distill.data.shards import ShardDataset
 from distill.training.distributed import all_reduce_mean, init_distributed
 from distill.training.engines import wrap_in_engines
 from distill.training.metrics import MetricsLog
@@ -49,7 +51,7 @@ class Trainer:
         self.plugin = registry.get_model(cfg.model.family)(
             cfg, device=self.device, frozen_dtype=torch.bfloat16 if self.bf16 else torch.float32
         )
-        self.dataset = dataset if dataset is not None else PromptDataset(cfg.data.prompts)
+        self.dataset = dataset if dataset is not None else self.open_data()
         self.check_data(spec.cls)
         if cfg.validation.every:
             check_video_format(cfg.validation.video_format)
@@ -60,13 +62,24 @@ class Trainer:
         self.method.build()
         wrap_in_engines(self.roles, cfg, self.bf16)
 
-        self.batches = batch_stream(
+        self.batches = BatchLoader(
             self.dataset, cfg.training.batch_size, rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.run.seed
         )
         self.iteration = 0
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def open_data(self):
+        """Shards when data.shards is set, else the inline prompts."""
+        d = self.cfg.data
+        if d.shards:
+            return ShardDataset(d.shards, identity=self.plugin.identity(), max_text_length=self.cfg.model.max_text_length,
+                                video={"num_frames": d.num_frames, "height": d.height, "width": d.width})
+        if d.prompts:
+            return PromptDataset(d.prompts)
+        raise ConfigError(f"data.videos ({d.videos}) must be preprocessed first: `distill preprocess CONFIG` "
+                          f"writes shards; then set data.shards to train on them")
 
     def check_data(self, method_cls) -> None:
         """Fail before building models when the data cannot feed the method."""

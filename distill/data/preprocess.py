@@ -1,0 +1,197 @@
+"""`distill preprocess CONFIG`: videos + captions (or prompts alone) -> checked shards.
+
+1. Read the captions table and check every row before any encoding: each listed video
+   exists, each video in the folder has a caption, the set is not empty.
+2. Fix the plan (model identity, sizes, items) and its fingerprint; a folder holding another
+   plan's shards is refused, never overwritten.
+3. Encode shard by shard (text with the model's text encoder; videos to pixels or VAE
+   latents) and write each shard with its record; shards already written for this plan are
+   skipped, so a re-run resumes. A bad video stops the run naming the file; finished
+   shards stay.
+4. Write the negative-prompt embedding and, last, MANIFEST.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill import registry
+from distill.config import Config, ConfigError
+from distill.data.shards import (
+    FORMAT_VERSION, MANIFEST, NEGATIVE, read_record, write_json, write_shard,
+)
+from distill.errors import InputError
+from distill.video import read_video
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
+PLAN = "PLAN.json"
+
+
+@dataclass(frozen=True)
+class Item:
+    video: str | None  # path relative to data.videos; None for prompt-only data
+    caption: str
+
+
+def read_items(cfg: Config) -> list[Item]:
+    """The samples to preprocess, every row checked before any work starts."""
+    d = cfg.data
+    if not d.videos:
+        if not d.prompt_only:
+            raise ConfigError("data.videos: no videos to preprocess; set data.videos, or data.prompt_only: true "
+                              "to preprocess data.prompts into prompt-only shards")
+        if not d.prompts:
+            raise InputError("data.prompts: the data set is empty")
+        return [Item(None, p) for p in d.prompts]
+
+    import pandas as pd
+
+    folder = Path(d.videos)
+    table = folder / d.captions_file
+    if not table.is_file():
+        raise InputError(f"{table}: captions table not found (data.videos + data.captions_file)")
+    frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table, keep_default_na=False)
+    needed = ["caption"] if d.prompt_only else ["video", "caption"]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise InputError(f"{table}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    if len(frame) == 0:
+        raise InputError(f"{table}: the data set is empty (no rows)")
+    items = []
+    for row in frame.itertuples(index=False):
+        video = str(row.video) if "video" in frame.columns else None
+        caption = row.caption if isinstance(row.caption, str) else ""
+        if not caption.strip():
+            raise InputError(f"{folder / video if video else table}: video without a caption in {table}")
+        if not d.prompt_only and not (folder / video).is_file():
+            raise InputError(f"{folder / video}: listed in {table} but missing")
+        items.append(Item(None if d.prompt_only else video, caption))
+    if not d.prompt_only:
+        listed = {str((folder / i.video).resolve()) for i in items}
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in VIDEO_SUFFIXES and str(path.resolve()) not in listed:
+                raise InputError(f"{path}: video without a caption (not listed in {table})")
+    return items
+
+
+def load_clip(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """The first `num_frames` frames, centre-cropped to the aspect and resized: (3, F, H, W) uint8."""
+    frames = read_video(path)
+    if frames.shape[0] < num_frames:
+        raise InputError(f"{path}: {frames.shape[0]} frames decoded, data.num_frames needs {num_frames} "
+                         f"(truncated or too short)")
+    x = torch.from_numpy(np.ascontiguousarray(frames[:num_frames])).permute(0, 3, 1, 2).float()  # F, 3, H0, W0
+    h0, w0 = x.shape[-2:]
+    if (h0, w0) != (height, width):
+        scale = max(height / h0, width / w0)  # cover, then crop the centre
+        ch, cw = round(height / scale), round(width / scale)
+        top, left = (h0 - ch) // 2, (w0 - cw) // 2
+        x = F.interpolate(x[..., top : top + ch, left : left + cw], size=(height, width), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3)
+
+
+def trim_padding(embeds: torch.Tensor) -> torch.Tensor:
+    """Cut the zero padding after the longest prompt (restored at load)."""
+    used = embeds.abs().amax(dim=(0, 2)) > 0
+    length = int(used.nonzero().max()) + 1 if used.any() else 1
+    return embeds[:, :length]
+
+
+def plan_of(cfg: Config, identity: dict, items: list[Item]) -> dict:
+    d = cfg.data
+    settings = {
+        "prompt_only": d.prompt_only,
+        "video": None if d.prompt_only else {"num_frames": d.num_frames, "height": d.height, "width": d.width},
+        "shard_size": d.shard_size,
+        "negative_prompt": d.negative_prompt,
+    }
+    digest = hashlib.sha256(json.dumps([identity, settings, [(i.video, i.caption) for i in items]]).encode())
+    return {"model": identity, **settings, "count": len(items), "fingerprint": digest.hexdigest()}
+
+
+def preprocess(cfg: Config, *, progress: bool = True) -> Path:
+    """Write (or finish) the shard folder `data.shards`; returns its MANIFEST.json."""
+    from tqdm import tqdm
+
+    from distill.training.trainer import resolve_device
+
+    d = cfg.data
+    if not d.shards:
+        raise ConfigError("data.shards: set the folder that preprocessing writes")
+    # 1. Inputs, checked.
+    items = read_items(cfg)
+    device = resolve_device(cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plugin = registry.get_model(cfg.model.family)(cfg, device=device, frozen_dtype=dtype)
+
+    # 2. The plan; refuse a folder made for another.
+    folder = Path(d.shards)
+    plan = plan_of(cfg, plugin.identity(), items)
+    for name in (PLAN, MANIFEST):
+        path = folder / name
+        if path.is_file() and json.loads(path.read_text()).get("plan", {}).get("fingerprint") != plan["fingerprint"]:
+            raise InputError(f"{path}: this folder holds shards of another data set or model; "
+                             f"set data.shards to a new folder (nothing was changed)")
+    if (folder / MANIFEST).is_file():
+        return folder / MANIFEST
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / PLAN, {"plan": plan})
+
+    # 3. Shards: skip those written for this plan, encode the rest.
+    chunks = [items[i : i + d.shard_size] for i in range(0, len(items), d.shard_size)]
+    records = []
+    bar = tqdm(total=len(items), desc="preprocess", unit="sample", disable=not progress)
+    for index, chunk in enumerate(chunks):
+        record = read_record(folder, index)
+        if record is None or record.get("plan") != plan["fingerprint"]:
+            record = write_shard(folder, index, encode_chunk(cfg, plugin, chunk),
+                                 {"plan": plan["fingerprint"], "captions": [i.caption for i in chunk],
+                                  "videos": [i.video for i in chunk]})
+        records.append(record)
+        bar.update(len(chunk))
+    bar.close()
+
+    # 4. Negative prompt, then the manifest last.
+    from safetensors.torch import save_file
+
+    negative = trim_padding(plugin.encode_prompts([d.negative_prompt], cache=False))[0]
+    save_file({"negative_prompt_embeds": negative.to(torch.bfloat16).contiguous().cpu()}, str(folder / NEGATIVE))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "count": len(items),
+        "fields": ["prompt_embeds"] + ([] if d.prompt_only else [plugin.latents_key]),
+        "model": plan["model"],
+        "video": plan["video"],
+        "negative_prompt": d.negative_prompt,
+        "plan": plan,
+        "shards": records,
+    }
+    write_json(folder / MANIFEST, manifest)
+    return folder / MANIFEST
+
+
+def encode_chunk(cfg: Config, plugin, chunk: list[Item]) -> dict[str, torch.Tensor]:
+    """One shard's tensors, encoded in batches of data.preprocess_batch_size."""
+    d = cfg.data
+    embeds, videos = [], []
+    for start in range(0, len(chunk), d.preprocess_batch_size):
+        batch = chunk[start : start + d.preprocess_batch_size]
+        embeds.append(plugin.encode_prompts([i.caption for i in batch], cache=False).cpu())
+        if not d.prompt_only:
+            clips = torch.stack([load_clip(Path(d.videos) / i.video, d.num_frames, d.height, d.width) for i in batch])
+            if plugin.latents_key == "pixels":
+                videos.append(clips)  # uint8 as decoded: 4x smaller than floats, exact
+            else:
+                videos.append(plugin.encode_videos(clips.float() / 127.5 - 1.0).to(torch.bfloat16).cpu())
+    tensors = {"prompt_embeds": trim_padding(torch.cat(embeds)).to(torch.bfloat16)}
+    if videos:
+        tensors[plugin.latents_key] = torch.cat(videos)
+    return tensors

@@ -1,0 +1,193 @@
+"""The shard format: what `distill preprocess` writes and the trainer reads.
+
+A shard folder holds
+    shard-00000.safetensors   tensors of up to `shard_size` samples
+    shard-00000.json          its record: count, bytes, sha256, tensor shapes and dtypes, captions, videos
+    negative.safetensors      the negative-prompt embedding, once
+    MANIFEST.json             written last: the model identity, the settings, every shard's record
+
+Tensors: `prompt_embeds` (N, L, D) bf16 with L the longest prompt in the shard (zero padding
+beyond is cut and restored at load), and for video data `pixels` (N, 3, F, H, W) uint8 or
+`vae_latent` (N, C, F', H', W') bf16. A shard counts as written once its record exists; a
+folder counts as finished once MANIFEST.json exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from distill.errors import InputError
+
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+NEGATIVE = "negative.safetensors"
+
+
+class ShardError(InputError):
+    """A shard folder or file disagrees with its manifest or with the run; the message names it."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], extra: dict) -> dict:
+    """Write one shard file, then its record (the record marks it complete). Returns the record."""
+    name = shard_name(index)
+    path = folder / f"{name}.safetensors"
+    tmp = folder / f"{name}.safetensors.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    count = next(iter(tensors.values())).shape[0]
+    record = {"file": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_of(path),
+              "tensors": describe(tensors), **extra}
+    write_json(folder / f"{name}.json", record)
+    return record
+
+
+def read_record(folder: Path, index: int) -> dict | None:
+    """The record of a complete shard, or None when the shard is missing, partial or damaged."""
+    name = shard_name(index)
+    record_path, path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    if not record_path.is_file() or not path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if path.stat().st_size != record["bytes"] or sha256_of(path) != record["sha256"]:
+        return None
+    return record
+
+
+def read_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{folder}: no {MANIFEST}; not a finished shard folder (run `distill preprocess` to make one)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {manifest.get('format_version')}, this reader knows {FORMAT_VERSION}")
+    return manifest
+
+
+class ShardDataset(Dataset):
+    """Samples of a finished shard folder, checked against the run's model before any training.
+
+    The folder-level checks (manifest, model identity, files present with the recorded size)
+    run at construction; a shard's checksum, tensor shapes and dtypes are verified the first
+    time it is loaded, so start-up does not read the whole data set.
+    """
+
+    def __init__(self, folder: str | Path, *, identity: dict, max_text_length: int, video: dict | None = None,
+                 cache_shards: int = 2):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        theirs = self.manifest["model"]
+        diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
+        if diff:
+            said = "; ".join(f"{k}: shards {a!r}, run {b!r}" for k, (a, b) in diff.items())
+            raise ShardError(f"{self.folder}: shards were made by a different model than this run's ({said}); "
+                             f"preprocess again with this run's model section")
+        if video is not None and self.manifest["video"] not in (None, video):
+            raise ShardError(f"{self.folder}: shards hold videos of {self.manifest['video']}, the run's data "
+                             f"section asks for {video}; preprocess again or change data.num_frames/height/width")
+        self.records = self.manifest["shards"]
+        if not self.records or self.manifest["count"] == 0:
+            raise ShardError(f"{self.folder}: the data set is empty (0 samples)")
+        for record in self.records:
+            path = self.folder / record["file"]
+            if not path.is_file():
+                raise ShardError(f"{path}: shard listed in {MANIFEST} is missing")
+            if path.stat().st_size != record["bytes"]:
+                raise ShardError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {record['bytes']}")
+        self.fields = tuple(self.manifest["fields"]) + ("negative_prompt_embeds",)
+        self.max_text_length = max_text_length
+        self.starts = []
+        total = 0
+        for record in self.records:
+            self.starts.append(total)
+            total += record["count"]
+        self.count = total
+        negative = load_file(str(self.folder / NEGATIVE))["negative_prompt_embeds"]
+        self.negative = self._pad_text(negative[None])[0]
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._verified: set[int] = set()
+        self.cache_shards = cache_shards
+
+    def __len__(self) -> int:
+        return self.count
+
+    def locate(self, index: int) -> tuple[int, int]:
+        lo, hi = 0, len(self.starts) - 1
+        while lo < hi:  # last shard whose start <= index
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.starts[mid] <= index else (lo, mid - 1)
+        return lo, index - self.starts[lo]
+
+    def _pad_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        pad = self.max_text_length - embeds.shape[1]
+        return torch.nn.functional.pad(embeds, (0, 0, 0, pad)) if pad > 0 else embeds
+
+    def load_shard(self, shard: int) -> dict[str, torch.Tensor]:
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        record = self.records[shard]
+        path = self.folder / record["file"]
+        if shard not in self._verified:
+            if sha256_of(path) != record["sha256"]:
+                raise ShardError(f"{path}: checksum differs from {MANIFEST} (the file changed or is damaged)")
+        tensors = load_file(str(path))
+        if shard not in self._verified:
+            found, expected = describe(tensors), record["tensors"]
+            if found != expected:
+                raise ShardError(f"{path}: tensors {found} disagree with {MANIFEST} {expected}")
+            self._verified.add(shard)
+        self._cache[shard] = tensors
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def __getitem__(self, index: int) -> dict:
+        shard, row = self.locate(index)
+        tensors = self.load_shard(shard)
+        item = {"prompt_embeds": self._pad_text(tensors["prompt_embeds"][row : row + 1])[0].float(),
+                "negative_prompt_embeds": self.negative}
+        if "pixels" in tensors:
+            item["pixels"] = tensors["pixels"][row].float() / 127.5 - 1.0
+        if "vae_latent" in tensors:
+            item["vae_latent"] = tensors["vae_latent"][row].float()
+        return item
+
+    def epoch_order(self, epoch: int, seed: int) -> list[int]:
+        """Shards in a shuffled order, each shard's samples shuffled: random yet shard-local."""
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = []
+        for shard in torch.randperm(len(self.records), generator=g).tolist():
+            start, count = self.starts[shard], self.records[shard]["count"]
+            order.extend(start + i for i in torch.randperm(count, generator=g).tolist())
+        return order
