@@ -133,7 +133,7 @@ class ShardDataset(Dataset):
             total += record["count"]
         self.count = total
         negative = load_file(str(self.folder / NEGATIVE))["negative_prompt_embeds"]
-        self.negative = self._pad_text(negative[None])[0]
+        self.negative = self._pad_text(negative[None])[0].float()
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._verified: set[int] = set()
         self.cache_shards = cache_shards
