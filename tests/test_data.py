@@ -143,6 +143,20 @@ def test_resume_after_a_bad_video_keeps_finished_shards_and_skips_them(tmp_path,
     assert [s["sha256"] for s in clean_manifest["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
 
+def test_dropping_a_bad_row_reuses_the_shards_before_it(tmp_path, videos, monkeypatch):
+    (videos / "videos/009.mp4").write_bytes(b"broken")
+    cfg = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos))
+    with pytest.raises(InputError, match="009.mp4"):
+        preprocess(cfg, progress=False)
+    os.remove(videos / "videos/009.mp4")
+    pd.read_csv(videos / "captions.csv").iloc[:9].to_csv(videos / "captions.csv", index=False)
+    encoded = []
+    real = prep.encode_chunk
+    monkeypatch.setattr(prep, "encode_chunk", lambda cfg, plugin, chunk: encoded.append(len(chunk)) or real(cfg, plugin, chunk))
+    manifest = json.loads(preprocess(cfg, progress=False).read_text())
+    assert encoded == [1] and manifest["count"] == 9
+
+
 def test_truncated_and_short_videos_name_the_file(tmp_path, videos):
     data = (videos / "videos/002.mp4").read_bytes()
     (videos / "videos/002.mp4").write_bytes(data[: len(data) // 3])
@@ -192,7 +206,7 @@ def test_a_folder_of_another_plan_is_refused_untouched(tmp_path, videos):
     preprocess(cfg, progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
     other = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos, height=8, width=8))
-    with pytest.raises(InputError, match="holds shards of another data set or model"):
+    with pytest.raises(InputError, match="holds shards made with another model or settings"):
         preprocess(other, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == before
 

@@ -2,12 +2,12 @@
 
 1. Read the captions table and check every row before any encoding: each listed video
    exists, each video in the folder has a caption, the set is not empty.
-2. Fix the plan (model identity, sizes, items) and its fingerprint; a folder holding another
-   plan's shards is refused, never overwritten.
+2. Fix the plan (model identity and encoding settings); a folder made under another plan
+   is refused, never overwritten.
 3. Encode shard by shard (text with the model's text encoder; videos to pixels or VAE
-   latents) and write each shard with its record; shards already written for this plan are
-   skipped, so a re-run resumes. A bad video stops the run naming the file; finished
-   shards stay.
+   latents) and write each shard with its record. A shard already written from the same
+   items is skipped, so a re-run resumes, also after rows were fixed or dropped. A bad
+   video stops the run naming the file; finished shards stay.
 4. Write the negative-prompt embedding and, last, MANIFEST.json.
 """
 
@@ -105,16 +105,20 @@ def trim_padding(embeds: torch.Tensor) -> torch.Tensor:
     return embeds[:, :length]
 
 
-def plan_of(cfg: Config, identity: dict, items: list[Item]) -> dict:
+def plan_of(cfg: Config, identity: dict) -> dict:
+    """What every shard of the folder shares: the model identity and the encoding settings."""
     d = cfg.data
-    settings = {
+    return {
+        "model": identity,
         "prompt_only": d.prompt_only,
         "video": None if d.prompt_only else {"num_frames": d.num_frames, "height": d.height, "width": d.width},
-        "shard_size": d.shard_size,
         "negative_prompt": d.negative_prompt,
     }
-    digest = hashlib.sha256(json.dumps([identity, settings, [(i.video, i.caption) for i in items]]).encode())
-    return {"model": identity, **settings, "count": len(items), "fingerprint": digest.hexdigest()}
+
+
+def chunk_fingerprint(plan: dict, chunk: list[Item]) -> str:
+    """A shard is reusable by a later run iff it was made under the same plan from the same items."""
+    return hashlib.sha256(json.dumps([plan, [(i.video, i.caption) for i in chunk]]).encode()).hexdigest()
 
 
 def preprocess(cfg: Config, *, progress: bool = True) -> Path:
@@ -132,29 +136,30 @@ def preprocess(cfg: Config, *, progress: bool = True) -> Path:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     plugin = registry.get_model(cfg.model.family)(cfg, device=device, frozen_dtype=dtype)
 
-    # 2. The plan; refuse a folder made for another.
+    # 2. The plan; refuse a folder made with another model or other settings.
     folder = Path(d.shards)
-    plan = plan_of(cfg, plugin.identity(), items)
-    for name in (PLAN, MANIFEST):
-        path = folder / name
-        if path.is_file() and json.loads(path.read_text()).get("plan", {}).get("fingerprint") != plan["fingerprint"]:
-            raise InputError(f"{path}: this folder holds shards of another data set or model; "
-                             f"set data.shards to a new folder (nothing was changed)")
-    if (folder / MANIFEST).is_file():
-        return folder / MANIFEST
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / PLAN, {"plan": plan})
-
-    # 3. Shards: skip those written for this plan, encode the rest.
+    plan = plan_of(cfg, plugin.identity())
     chunks = [items[i : i + d.shard_size] for i in range(0, len(items), d.shard_size)]
+    fingerprints = [chunk_fingerprint(plan, c) for c in chunks]
+    if (folder / PLAN).is_file() and json.loads((folder / PLAN).read_text()) != plan:
+        raise InputError(f"{folder / PLAN}: this folder holds shards made with another model or settings; "
+                         f"set data.shards to a new folder (nothing was changed)")
+    if (folder / MANIFEST).is_file():
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if [r.get("chunk") for r in manifest["shards"]] == fingerprints:
+            return folder / MANIFEST  # finished for exactly these items
+        (folder / MANIFEST).unlink()  # the items changed: unpublish, then redo the shards that differ
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / PLAN, plan)
+
+    # 3. Shards: skip those already written from the same items, encode the rest.
     records = []
     bar = tqdm(total=len(items), desc="preprocess", unit="sample", disable=not progress)
-    for index, chunk in enumerate(chunks):
+    for index, (chunk, fingerprint) in enumerate(zip(chunks, fingerprints)):
         record = read_record(folder, index)
-        if record is None or record.get("plan") != plan["fingerprint"]:
-            record = write_shard(folder, index, encode_chunk(cfg, plugin, chunk),
-                                 {"plan": plan["fingerprint"], "captions": [i.caption for i in chunk],
-                                  "videos": [i.video for i in chunk]})
+        if record is None or record.get("chunk") != fingerprint:
+            extra = {"chunk": fingerprint, "captions": [i.caption for i in chunk], "videos": [i.video for i in chunk]}
+            record = write_shard(folder, index, encode_chunk(cfg, plugin, chunk), extra)
         records.append(record)
         bar.update(len(chunk))
     bar.close()
@@ -171,7 +176,6 @@ def preprocess(cfg: Config, *, progress: bool = True) -> Path:
         "model": plan["model"],
         "video": plan["video"],
         "negative_prompt": d.negative_prompt,
-        "plan": plan,
         "shards": records,
     }
     write_json(folder / MANIFEST, manifest)
