@@ -106,6 +106,13 @@ def test_cli_preprocess_then_train_in_both_rollout_modes(tmp_path, videos, mode,
     assert "trained 3 iterations" in capsys.readouterr().out
 
 
+def test_simulate_reads_text_only_from_full_shards(shards):
+    cfg, folder, identity = shards
+    dataset = ShardDataset(folder, identity=identity, max_text_length=16, with_latents=False)
+    assert set(dataset[3]) == {"prompt_embeds", "negative_prompt_embeds"}
+    assert "pixels" not in dataset.fields
+
+
 def test_data_latent_on_prompt_only_shards_is_refused_before_models_are_built(tmp_path, videos):
     cfg = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos, prompt_only=True),
                       method_config={"rollout_mode": "data_latent"})

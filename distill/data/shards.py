@@ -21,6 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -103,7 +104,7 @@ class ShardDataset(Dataset):
     """
 
     def __init__(self, folder: str | Path, *, identity: dict, max_text_length: int, video: dict | None = None,
-                 cache_shards: int = 2):
+                 with_latents: bool = True, cache_shards: int = 2):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         theirs = self.manifest["model"]
@@ -124,7 +125,10 @@ class ShardDataset(Dataset):
                 raise ShardError(f"{path}: shard listed in {MANIFEST} is missing")
             if path.stat().st_size != record["bytes"]:
                 raise ShardError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {record['bytes']}")
-        self.fields = tuple(self.manifest["fields"]) + ("negative_prompt_embeds",)
+        # Methods that start from noise read the text alone: the latents stay on disk.
+        stored = self.manifest["fields"]
+        self.keys = [k for k in stored if with_latents or k == "prompt_embeds"]
+        self.fields = tuple(self.keys) + ("negative_prompt_embeds",)
         self.max_text_length = max_text_length
         self.starts = []
         total = 0
@@ -161,9 +165,10 @@ class ShardDataset(Dataset):
         if shard not in self._verified:
             if sha256_of(path) != record["sha256"]:
                 raise ShardError(f"{path}: checksum differs from {MANIFEST} (the file changed or is damaged)")
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in self.keys}
         if shard not in self._verified:
-            found, expected = describe(tensors), record["tensors"]
+            found, expected = describe(tensors), {k: record["tensors"].get(k) for k in self.keys}
             if found != expected:
                 raise ShardError(f"{path}: tensors {found} disagree with {MANIFEST} {expected}")
             self._verified.add(shard)

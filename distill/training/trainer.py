@@ -51,7 +51,7 @@ class Trainer:
         self.plugin = registry.get_model(cfg.model.family)(
             cfg, device=self.device, frozen_dtype=torch.bfloat16 if self.bf16 else torch.float32
         )
-        self.dataset = dataset if dataset is not None else self.open_data()
+        self.dataset = dataset if dataset is not None else self.open_data(spec.cls)
         self.check_data(spec.cls)
         if cfg.validation.every:
             check_video_format(cfg.validation.video_format)
@@ -70,12 +70,13 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    def open_data(self):
-        """Shards when data.shards is set, else the inline prompts."""
+    def open_data(self, method_cls):
+        """Shards when data.shards is set (latents read only for methods that use them), else the inline prompts."""
         d = self.cfg.data
         if d.shards:
             return ShardDataset(d.shards, identity=self.plugin.identity(), max_text_length=self.cfg.model.max_text_length,
-                                video={"num_frames": d.num_frames, "height": d.height, "width": d.width})
+                                video={"num_frames": d.num_frames, "height": d.height, "width": d.width},
+                                with_latents=method_cls.latents_source(self.cfg.method_config) == "data")
         if d.prompts:
             return PromptDataset(d.prompts)
         raise ConfigError(f"data.videos ({d.videos}) must be preprocessed first: `distill preprocess CONFIG` "
