@@ -237,6 +237,8 @@ class Config:
         ):
             if key in self.deepspeed:
                 raise ConfigError(f"deepspeed.{key}: set {ours} instead; the trainer fills it in")
+        if self.validation.every and not (self.validation.prompts or self.data.prompts):
+            raise ConfigError("validation.prompts: validation needs prompts, and data gives no inline prompts to borrow")
         for name, role in self.roles.items():
             if role.init_from == name:
                 raise ConfigError(f"roles.{name}.init_from: a role cannot start from itself")
