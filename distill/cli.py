@@ -1,4 +1,8 @@
-"""`distill` command line: `distill train CONFIG [--set key.path=value ...]`.
+"""`distill` command line: train, preprocess, shapes, check-config.
+
+    distill shapes OUT --count 1000            a shapes-world data set (videos + captions.csv)
+    distill preprocess CONFIG                  data.videos -> data.shards
+    distill train CONFIG [--set key.path=value ...]
 
 Several ranks: `deepspeed --num_gpus 2 $(which distill) train CONFIG` (NCCL on GPU, gloo on CPU).
 """
@@ -24,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
     prep.add_argument("config", help="run config (YAML): its model and data sections")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("shapes", help="write a shapes-world data set (distill shapes OUT --count N ...; see its --help)")
     check = sub.add_parser("check-config", help="load and check a config, print the resolved version")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -31,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["shapes"]:  # its own options: see distill/data/shapes.py
+        from distill.data.shapes import main as shapes_main
+
+        return shapes_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -16,13 +16,23 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray, value_range: tuple[float, 
     """(C, F, H, W) tensor or (F, H, W, C) array in `value_range` -> (F, H, W, 3) uint8."""
     if isinstance(video, torch.Tensor):
         video = video.detach().float().cpu().permute(1, 2, 3, 0).numpy()
+    elif video.dtype == np.uint8:
+        return video  # already frames
     lo, hi = value_range
     video = (np.clip(video, lo, hi) - lo) / (hi - lo)
     return (video * 255.0 + 0.5).astype(np.uint8)
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """Write `.mp4` (H.264 through imageio-ffmpeg's bundled ffmpeg) or `.gif` (Pillow), by suffix."""
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, *, full_chroma: bool = True) -> Path:
+    """Write (F, H, W, 3) uint8 frames as `.mp4` (H.264, imageio-ffmpeg) or `.gif` (Pillow), by suffix.
+
+    `full_chroma` keeps colour at full resolution (4:4:4): exact colours for data and for the
+    oracle, but browsers don't play that profile. Previews for people pass False (4:2:0,
+    for even sizes; odd sizes stay 4:4:4).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video: expected (F, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":
@@ -31,8 +41,9 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
         return path
     import imageio.v3 as iio
 
-    # 4:4:4 chroma at a high quality: small videos keep their colours (4:2:0 halves colour resolution).
-    iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1, pixelformat="yuv444p",
+    even = frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
+    pixelformat = "yuv420p" if not full_chroma and even else "yuv444p"  # 4:2:0 halves colour resolution
+    iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1, pixelformat=pixelformat,
                 output_params=["-crf", "10"])
     return path
 
@@ -51,8 +62,8 @@ def read_video(path: str | Path) -> np.ndarray:
     except Exception as err:  # imageio raises many types for corrupt input
         first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise VideoReadError(f"{path}: cannot decode video ({type(err).__name__}: {first_line})") from None
-    if frames.ndim == 3:  # a single grey frame or image
-        frames = frames[None]
+    if frames.ndim == 3:  # grey frames (F, H, W)
+        frames = np.repeat(frames[..., None], 3, axis=-1)
     if frames.ndim != 4 or frames.shape[0] == 0:
         raise VideoReadError(f"{path}: no frames decoded (shape {frames.shape})")
     if frames.shape[-1] == 4:

@@ -338,3 +338,19 @@ def test_shard_order_is_shard_local(shards):
     switches = sum(a != b for a, b in zip(shard_of, shard_of[1:]))
     assert switches == 2  # three shards, each read in one run
     assert order != dataset.epoch_order(1, seed=1)
+
+
+def test_shapes_world_through_the_cli_into_training(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert cli_main(["shapes", str(out), "--count", "12", "--frames", "5", "--height", "16", "--width", "16"]) == 0
+    captions = pd.read_csv(out / "captions.csv")
+    assert list(captions.columns) == ["video", "caption"] and len(captions) == 12
+    data = {"videos": str(out), "shards": str(tmp_path / "shards"), "num_frames": 5, "height": 16, "width": 16,
+            "shard_size": 5}
+    config = write_yaml(tmp_path / "run.yaml", tiny_raw(tmp_path / "run", data=data, training={"max_steps": 2},
+                                                         method_config={"rollout_mode": "data_latent"}))
+    assert cli_main(["preprocess", str(config)]) == 0
+    assert json.loads((tmp_path / "shards" / MANIFEST).read_text())["count"] == 12
+    assert cli_main(["train", str(config)]) == 0
+    assert cli_main(["train", str(config), "--set", "method_config.rollout_mode=simulate"]) == 0
+    assert capsys.readouterr().out.count("trained 2 iterations") == 2

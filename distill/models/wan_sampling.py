@@ -112,7 +112,8 @@ class WanValidator:
         )
         if request.output_dir is not None:
             out_dir = Path(request.output_dir)
-            result.videos = [str(write_video(v, out_dir / n, fps=request.fps)) for v, n in zip(videos, names)]
+            result.videos = [str(write_video(v, out_dir / n, fps=request.fps, full_chroma=False))  # browser-playable
+                             for v, n in zip(videos, names)]
             result.contact_sheet = str(contact_sheet(videos, out_dir / "contact.png"))
             meta = {
                 "role": handle.name,
