@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +191,10 @@ def encode_chunk(cfg: Config, plugin, chunk: list[Item]) -> dict[str, torch.Tens
         batch = chunk[start : start + d.preprocess_batch_size]
         embeds.append(plugin.encode_prompts([i.caption for i in batch], cache=False).cpu())
         if not d.prompt_only:
-            clips = torch.stack([load_clip(Path(d.videos) / i.video, d.num_frames, d.height, d.width) for i in batch])
+            # Decoding is mostly an ffmpeg process per file: overlap two.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                clips = torch.stack(list(pool.map(
+                    lambda item: load_clip(Path(d.videos) / item.video, d.num_frames, d.height, d.width), batch)))
             if plugin.latents_key == "pixels":
                 videos.append(clips)  # uint8 as decoded: 4x smaller than floats, exact
             else:
