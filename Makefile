@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	rm -rf runs/tiny-dmd2  # a fresh demo each time (a real run resumes with --resume instead)
 	$(VENV)/bin/distill train configs/tiny_dmd2.yaml
 
 test: $(VENV)/.installed

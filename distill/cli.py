@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config (YAML)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                       help="continue from the run's latest checkpoint, or from the one named (step-000500)")
     prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
     prep.add_argument("config", help="run config (YAML): its model and data sections")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from distill.training.trainer import Trainer
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, resume=args.resume)
         history = trainer.train()
     except InputError as err:
         kind = "config error" if isinstance(err, ConfigError) else "input error"

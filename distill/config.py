@@ -115,6 +115,12 @@ class TrainingConfig:
     """Critic clipping norm; unset = max_grad_norm."""
     log_every: int = 1
     """Write metrics every this many iterations."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many iterations and at the end (0 = only at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest this many checkpoints (plus marked ones); older ones are deleted."""
+    keep_checkpoint_every: int = 0
+    """Mark (keep for good) checkpoints at multiples of this many iterations (0 = none)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto = cuda when available."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -123,7 +129,9 @@ class TrainingConfig:
     """Show a progress bar on rank 0."""
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every")
+        _positive(self, path, "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every",
+                  "keep_checkpoints")
+        _non_negative(self, path, "checkpoint_every", "keep_checkpoint_every")
         _positive(self, path, "fake_score_learning_rate")
         _non_negative(self, path, "weight_decay", "warmup_steps", "max_grad_norm", "eps")
         _non_negative(self, path, "fake_score_weight_decay", "fake_score_warmup_steps", "fake_score_max_grad_norm")
@@ -193,7 +201,30 @@ class ValidationConfig:
 @dataclass(kw_only=True)
 class StorageConfig:
     endpoint_url: str | None = None
-    """S3-compatible endpoint for s3:// outputs (credentials come from the standard AWS chain)."""
+    """S3-compatible endpoint for s3:// outputs; unset = AWS. Credentials come from the standard AWS chain only."""
+    region: str | None = None
+    """S3 region; unset = the AWS chain's."""
+    local_dir: str | None = None
+    """Local working folder of a run whose output is s3:// (unset = a fresh temporary folder)."""
+    retries: int = 4
+    """Attempts per transfer, with exponential backoff between them."""
+    backoff_seconds: float = 1.0
+    """Wait before the second attempt; doubles after each failure."""
+    connect_timeout: float = 10.0
+    """Seconds to connect to the S3 endpoint."""
+    read_timeout: float = 60.0
+    """Seconds to wait for the S3 endpoint to answer."""
+    multipart_threshold_mb: int = 64
+    """Files larger than this go up and down in parts."""
+    multipart_chunk_mb: int = 64
+    """Size of one part."""
+    max_concurrency: int = 8
+    """Parts in flight at once."""
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "retries", "connect_timeout", "read_timeout", "multipart_threshold_mb",
+                  "multipart_chunk_mb", "max_concurrency")
+        _non_negative(self, path, "backoff_seconds")
 
 
 @dataclass(kw_only=True)

@@ -62,6 +62,11 @@ class DistillMethod(ABC):
     def build_optimizers(self) -> None:
         """Create each trainable role's optimizer and scheduler and write them onto its handle."""
 
+    @property
+    def export_role(self) -> str:
+        """The role a checkpoint exports as the product (a diffusers transformer)."""
+        return next(name for name, trainable in self.required_roles(self.method_cfg).items() if trainable)
+
     @classmethod
     def latents_source(cls, method_cfg: Any) -> str:
         """"data" when the method trains on data latents (the data must carry them), else "zeros"."""

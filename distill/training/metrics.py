@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
@@ -19,7 +19,8 @@ class MetricsLog:
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a")
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            # purge_step: a resumed run drops the events its dead predecessor wrote after the checkpoint.
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
         self._start = time.time()
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -33,6 +34,11 @@ class MetricsLog:
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 self._tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            self._tb.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._file.close()
@@ -42,3 +48,11 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Keep the rows of steps <= `step` (a resumed run replays the rest)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))

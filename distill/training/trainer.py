@@ -1,15 +1,16 @@
 """The training loop: infra only. Any registered method, any registered model plugin.
 
-Build order (cheap checks first): device and process group → model plugin (scheduler,
-VAE, tokenizer) → data fields vs. what the method needs → roles → method (optimizers) →
-one DeepSpeed engine per trainable role. Then `train()` runs iterations, logs metrics and
-samples validation videos every `validation.every` iterations and at the end.
+Build order (cheap checks first): device and process group → run folder and its store
+(reachable, and a checkpoint to resume from, or none to overwrite) → model plugin
+(scheduler, VAE, tokenizer) → data fields vs. what the method needs → roles → method
+(optimizers) → one DeepSpeed engine per trainable role → resume. Then `train()` runs
+iterations, logs metrics, samples validation videos every `validation.every` iterations
+and saves checkpoints every `training.checkpoint_every` iterations, both also at the end.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import yaml
@@ -21,7 +22,9 @@ from distill.data.prompts import PromptDataset
 from distill.data.shards import ShardDataset
 from distill.training.distributed import all_reduce_mean, init_distributed
 from distill.training.engines import wrap_in_engines
-from distill.training.metrics import MetricsLog
+from distill.training.checkpoint import CheckpointManager
+from distill.training.metrics import MetricsLog, truncate_metrics
+from distill.training.run_folder import RunFolder
 from distill.video import check_video_format
 
 
@@ -35,7 +38,7 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dataset=None):
+    def __init__(self, cfg: Config, dataset=None, resume: str | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg)
         precision = cfg.training.mixed_precision
@@ -43,7 +46,16 @@ class Trainer:
             raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.dist = init_distributed(self.device.type)
-        self.run_dir = Path(cfg.run.output)
+        self.folder = RunFolder(cfg)
+        self.folder.store.check()
+        self.run_dir = self.folder.local
+        self.checkpoints = CheckpointManager(self.folder.store, self.folder.local, rank=self.dist.rank,
+                                             world_size=self.dist.world_size)
+        if resume is not None:
+            resume = self.checkpoints.resolve(resume)
+        elif self.checkpoints.list()[0]:
+            raise ConfigError(f"run.output: {self.folder.store.key_uri('checkpoints')} already holds checkpoints; "
+                              f"resume with --resume, or choose another run.output")
 
         # 1. The model plugin's shared parts, and the data checked against the method.
         spec = registry.get_method(cfg.method)
@@ -66,9 +78,14 @@ class Trainer:
             self.dataset, cfg.training.batch_size, rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.run.seed
         )
         self.iteration = 0
-        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)
+        if resume is not None:
+            self.resumed_from = self.checkpoints.load(self, resume)
+            if self.dist.is_main and self.folder.fetch("metrics.jsonl"):
+                truncate_metrics(self.run_dir, self.iteration)  # drop steps the dead run logged after its checkpoint
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main, purge_step=self.iteration + 1)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self.folder.sync("config.yaml")
 
     def open_data(self, method_cls):
         """Shards when data.shards is set (latents read only for methods that use them), else the inline prompts."""
@@ -115,15 +132,30 @@ class Trainer:
         self.iteration += 1
         return all_reduce_mean(values, self.device)
 
+    def checkpoint_due(self) -> bool:
+        every = self.cfg.training.checkpoint_every
+        return self.iteration == self.cfg.training.max_steps or (every > 0 and self.iteration % every == 0)
+
+    def save_checkpoint(self) -> str:
+        """Metrics and TensorBoard events into the store, then a checkpoint of every rank."""
+        if self.dist.is_main:
+            self.metrics.flush()
+            self.folder.sync("metrics.jsonl")
+            self.folder.sync("tb")
+        return self.checkpoints.save(self)
+
     def validation_due(self) -> bool:
         every = self.cfg.validation.every
         return every > 0 and (self.iteration % every == 0 or self.iteration == self.cfg.training.max_steps)
 
     def validate(self) -> dict[str, float]:
-        out_dir = self.run_dir / "validation" / f"step-{self.iteration:06d}" if self.dist.is_main else None
+        rel = f"validation/step-{self.iteration:06d}"
+        out_dir = self.run_dir / rel if self.dist.is_main else None
         result = self.method.log_validation(self.iteration, None if out_dir is None else str(out_dir))
         if result is None:
             return {}
+        if self.dist.is_main:
+            self.folder.sync(rel)
         return {"validation_seconds_per_video": sum(result.seconds_per_video) / len(result.seconds_per_video)}
 
     def train(self) -> list[dict[str, float]]:
@@ -148,6 +180,8 @@ class Trainer:
                     self.metrics.log(self.iteration, means)
                     history.append({"step": self.iteration, **means})
                     window.clear()
+                if self.checkpoint_due():
+                    self.save_checkpoint()
                 bar.update(1)
                 bar.set_postfix({k: f"{values[k]:.4g}" for k in ("critic_loss", "generator_loss", "flow_matching_loss") if k in values})
         finally:

@@ -1,0 +1,268 @@
+"""Artifact storage: a local directory (the default) or S3 through boto3, behind one interface.
+
+Keys are '/'-separated paths relative to the store's root (a folder, or s3://bucket/prefix).
+S3 credentials come from the standard AWS chain (environment, ~/.aws, instance role) and
+never pass through this module's arguments, messages or logs. Transfers retry with
+exponential backoff; large files go up and down in multipart chunks. A folder is
+published by writing its files first and its manifest last: readers treat a folder as
+present only once the manifest exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from distill.config import StorageConfig
+from distill.errors import InputError
+
+
+class StorageError(InputError):
+    """A store cannot be reached or refuses a request; the message names the URI, never credentials."""
+
+
+class ArtifactStore(ABC):
+    uri: str
+
+    @abstractmethod
+    def put_file(self, local: Path, key: str) -> None: ...
+    @abstractmethod
+    def get_file(self, key: str, local: Path) -> Path: ...
+    @abstractmethod
+    def put_bytes(self, data: bytes, key: str) -> None: ...
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys of all files under `prefix`, sorted."""
+    @abstractmethod
+    def delete(self, prefix: str) -> None:
+        """Remove every file under `prefix`."""
+
+    def check(self) -> None:
+        """Fail early (bad credentials, missing bucket, unreachable server) before any work."""
+
+    def key_uri(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self, LocalStore)
+
+    def put_text(self, text: str, key: str) -> None:
+        self.put_bytes(text.encode(), key)
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode()
+
+    def upload_folder(self, local_dir: Path, prefix: str, *, last: str | None = None) -> list[str]:
+        """Upload every file of `local_dir` under `prefix`; the file named `last` goes up last."""
+        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == last)  # stable: the manifest moves to the end
+        keys = []
+        for path in files:
+            key = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+            self.put_file(path, key)
+            keys.append(key)
+        return keys
+
+    def download_folder(self, prefix: str, local_dir: Path) -> list[Path]:
+        paths = []
+        for key in self.list(prefix):
+            paths.append(self.get_file(key, Path(local_dir) / key[len(prefix) :].lstrip("/")))
+        if not paths:
+            raise StorageError(f"{self.key_uri(prefix)}: nothing there")
+        return paths
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def put_file(self, local: Path, key: str) -> None:
+        target = self._path(key)
+        if Path(local).resolve() == target.resolve():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, target)
+
+    def get_file(self, key: str, local: Path) -> Path:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"{source}: not found")
+        local = Path(local)
+        if source.resolve() != local.resolve():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, local)
+        return local
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageError(f"{path}: not found")
+        return path.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [prefix]
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def delete(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class S3Store(ArtifactStore):
+    """s3://bucket/prefix through boto3 (any S3-compatible server with `storage.endpoint_url`)."""
+
+    def __init__(self, uri: str, cfg: StorageConfig):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config as BotoConfig
+
+        rest = uri[len("s3://") :]
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise StorageError(f"{uri}: no bucket in the URI (expected s3://bucket/prefix)")
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.cfg = cfg
+        self.endpoint = cfg.endpoint_url or "AWS S3"
+        boto_cfg = BotoConfig(
+            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+        )
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=boto_cfg
+        )
+        mib = 1024 * 1024
+        self.transfer = TransferConfig(
+            multipart_threshold=cfg.multipart_threshold_mb * mib,
+            multipart_chunksize=cfg.multipart_chunk_mb * mib,
+            max_concurrency=cfg.max_concurrency,
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, key: str, fn):
+        """Run one request with retries and backoff; turn failures into a StorageError naming the URI."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+
+        attempts = max(1, self.cfg.retries)
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in ("NoSuchBucket",) or (code in ("404", "NoSuchKey") and what == "check"):
+                    raise StorageError(f"{self.uri}: bucket {self.bucket!r} does not exist at {self.endpoint}") from None
+                if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+                    raise StorageError(
+                        f"{self.key_uri(key)}: access denied ({code}) by {self.endpoint}; check the AWS credentials "
+                        f"of the standard chain (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role)"
+                    ) from None
+                if code in ("404", "NoSuchKey"):
+                    raise StorageError(f"{self.key_uri(key)}: not found") from None
+                reason = f"{code}: {err.response.get('Error', {}).get('Message', '')}"
+            except (BotoCoreError, S3UploadFailedError, S3TransferFailedError, OSError) as err:
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            if attempt + 1 < attempts:
+                time.sleep(self.cfg.backoff_seconds * 2**attempt)
+        raise StorageError(f"{self.key_uri(key)}: {what} failed after {attempts} attempts at {self.endpoint} ({reason})")
+
+    def check(self) -> None:
+        self._call("check", "", lambda: self.client.head_bucket(Bucket=self.bucket))
+
+    def put_file(self, local: Path, key: str) -> None:
+        self._call("upload", key, lambda: self.client.upload_file(
+            str(local), self.bucket, self._key(key), Config=self.transfer))
+
+    def get_file(self, key: str, local: Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".part")
+        self._call("download", key, lambda: self.client.download_file(
+            self.bucket, self._key(key), str(tmp), Config=self.transfer))
+        os.replace(tmp, local)
+        return local
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        self._call("upload", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._call("download", key,
+                          lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        def head():
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as err:
+                if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return self._call("lookup", key, head)
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+
+        def pages():
+            keys = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+            return keys
+
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = [k[strip:] for k in self._call("list", prefix, pages)]
+        if prefix:  # a prefix names a folder or a file, not a name's beginning
+            keys = [k for k in keys if k == prefix or k.startswith(prefix.rstrip("/") + "/")]
+        return sorted(keys)
+
+    def delete(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            self._call("delete", prefix, lambda: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch}))
+
+
+def open_store(uri: str, cfg: StorageConfig | None = None) -> ArtifactStore:
+    """A store for a local folder or an s3://bucket/prefix URI."""
+    if uri.startswith("s3://"):
+        return S3Store(uri, cfg or StorageConfig())
+    if "://" in uri:
+        raise StorageError(f"{uri}: unsupported storage scheme (use a local path or s3://bucket/prefix)")
+    return LocalStore(uri)
