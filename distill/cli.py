@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
     prep.add_argument("config", help="run config (YAML): its model and data sections")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    exp = sub.add_parser("export", help="write a checkpoint's student as a stock diffusers WanPipeline folder")
+    exp.add_argument("checkpoint", help="a checkpoint folder: path or s3://bucket/run/checkpoints/step-000500")
+    exp.add_argument("out_dir")
+    exp.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// checkpoint")
     sub.add_parser("shapes", help="write a shapes-world data set (distill shapes OUT --count N ...; see its --help)")
     check = sub.add_parser("check-config", help="load and check a config, print the resolved version")
     check.add_argument("config")
@@ -45,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         return shapes_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        if args.command == "export":
+            from distill.config import StorageConfig
+            from distill.export import export
+
+            record = export(args.checkpoint, args.out_dir, StorageConfig(endpoint_url=args.endpoint_url))
+            call = ", ".join(f"{k}={v!r}" for k, v in record["call"].items() if k != "output_type")
+            load = "".join(f", {k}={v!r}" for k, v in record["load"].items())
+            print(f"exported {record['role']} of {args.checkpoint} (step {record['step']}) to {args.out_dir}; "
+                  f"sample with WanPipeline.from_pretrained({args.out_dir!r}{load})(prompt, {call})")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":
             import yaml

@@ -46,6 +46,8 @@ class ValidationRequest:
 
 @dataclass
 class ValidationResult:
+    frames: list[Any] = field(default_factory=list, repr=False)
+    """One (F, H, W, 3) uint8 array per (prompt, seed), prompt-major: the videos in memory."""
     videos: list[str] = field(default_factory=list)
     contact_sheet: str | None = None
     meta: str | None = None

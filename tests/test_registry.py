@@ -39,6 +39,9 @@ NEW_METHOD = textwrap.dedent('''
         def build_optimizers(self):
             make_optimizer(self.roles[self.method_cfg.role], **optimizer_settings(self.cfg.training))
 
+        def sampling(self):
+            return {"sampler_kind": "ode", "num_inference_steps": 2}
+
         def train_step(self, raw_batch, iteration):
             batch = self.adapter.prepare_batch(raw_batch, latents_source="data")
             handle = self.roles[self.method_cfg.role]

@@ -78,9 +78,15 @@ class DistillMethod(ABC):
     def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
         """Run one micro-batch of iteration `iteration`; return scalars to log (losses; the trainer adds grad norms and lrs)."""
 
+    @abstractmethod
+    def sampling(self) -> dict:
+        """How the exported role samples: ValidationRequest's sampler_kind, timesteps or step count, guidance."""
+
     def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
-        """Sample validation videos (every rank calls; only a rank with an output_dir writes)."""
-        return None
+        """Sample validation videos with the exported role (every rank calls; a rank with an output_dir writes)."""
+        if self.validator is None:
+            return None
+        return self.validator.run(self.validation_request(self.roles[self.export_role], output_dir, **self.sampling()))
 
     def validation_request(self, handle: RoleHandle, output_dir: str | None, **sampling: Any) -> ValidationRequest:
         """A request for the config's validation prompts, seeds and size; `sampling` picks the sampler."""

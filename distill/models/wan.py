@@ -9,6 +9,7 @@ directly on videos in [-1, 1] with no VAE.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -254,12 +255,46 @@ class WanPlugin(ModelPlugin):
         v = self.predict_noise(handle, x_t, t, batch, conditional=conditional)
         return x_t.float() - _per_sample(self.sigma(t), v) * v
 
-    # -- sampling --------------------------------------------------------------------------
+    # -- sampling and export ---------------------------------------------------------------
 
     def validator(self):
         from distill.models.wan_sampling import WanValidator
 
         return WanValidator(self)
+
+    def export_pipeline(self, transformer_folder: Path, out_dir: Path, sampling: dict) -> dict:
+        """Save a stock WanPipeline folder: this transformer, the shared components, a scheduler for `sampling`."""
+        from distill.models.wan_sampling import fit_flow_match_scheduler
+
+        transformer = WanTransformer3DModel.from_pretrained(transformer_folder, torch_dtype=torch.float32)
+        stochastic = sampling["sampler_kind"] == "sde"
+        trained = sampling.get("sampling_timesteps")
+        if trained:
+            scheduler, deviation = fit_flow_match_scheduler(trained, stochastic=stochastic, T=self.num_train_timesteps)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config, stochastic_sampling=stochastic)
+            scheduler.set_timesteps(sampling["num_inference_steps"])
+            deviation = 0.0
+        steps = len(scheduler.timesteps)
+        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=scheduler, transformer=transformer)
+        pipe.save_pretrained(out_dir)
+        if self.vae is None:  # pixel space: record the absent VAE as diffusers records an absent transformer_2
+            index = Path(out_dir) / "model_index.json"
+            index.write_text(json.dumps({**json.loads(index.read_text()), "vae": [None, None]}, indent=2))
+        return {
+            # WanPipeline lists no VAE as optional: a pixel-space folder loads with from_pretrained(out, vae=None).
+            "load": {"vae": None} if self.vae is None else {},
+            "call": {"num_inference_steps": steps, "guidance_scale": sampling.get("guidance_scale", 1.0),
+                     "max_sequence_length": self.cfg.model.max_text_length,
+                     "output_type": "latent (pixels in [-1, 1])" if self.vae is None else "np"},
+            "sampler_kind": sampling["sampler_kind"],
+            "timesteps_trained": trained,
+            "timesteps_exported": [float(t) for t in scheduler.timesteps],
+            "max_timestep_deviation": deviation,
+            "pixel_space": self.vae is None,
+            "negative_prompt": self.cfg.data.negative_prompt,
+        }
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

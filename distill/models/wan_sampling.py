@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -31,6 +32,54 @@ class ExactTimestepsScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"asked for {num_inference_steps} steps, fixed schedule has {len(ts)}")
         T = self.config.num_train_timesteps
         super().set_timesteps(device=device, sigmas=[t / T for t in ts], timesteps=ts)
+
+
+def flow_match_timesteps(num_steps: int, shift: float, terminal: float | None, T: int = 1000) -> np.ndarray:
+    """The timesteps FlowMatchEulerDiscreteScheduler(shift, shift_terminal) gives for `num_steps` (its own math)."""
+
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    sigmas = shifted(np.linspace(1.0, shifted(1.0 / T), num_steps))
+    if terminal:
+        one_minus = 1.0 - sigmas
+        sigmas = 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+    return sigmas * T
+
+
+def fit_flow_match_scheduler(timesteps: list[float], *, stochastic: bool, T: int = 1000):
+    """A stock FlowMatchEulerDiscreteScheduler whose N-step schedule comes closest to `timesteps`.
+
+    Stock pipelines only pass a step count, so the schedule must come from the config:
+    shift and shift_terminal. Equally spaced steps from T are reproduced exactly (shift 1,
+    terminal = last step); others as closely as the two parameters allow.
+    Returns (scheduler, max |deviation| in timesteps).
+    """
+    target = np.asarray(timesteps, dtype=np.float64)
+    n = len(target)
+
+    def error(shift, terminal):
+        err = float(np.abs(flow_match_timesteps(n, shift, terminal, T) - target).max())
+        return err if np.isfinite(err) else float("inf")
+
+    # shift_terminal puts the last step exactly where it is asked; the shift then fits the rest.
+    terminal = target[-1] / T if 0 < target[-1] < T else None
+    shifts = np.geomspace(0.05, 50.0, 4001)
+    shift = min(shifts, key=lambda a: (round(error(a, terminal), 4), abs(np.log(a))))  # ties: closest to 1
+    step = 0.01
+    while step > 1e-9:  # refine: a step each way, halved when neither helps
+        trial = min((shift * (1 + step), shift / (1 + step)), key=lambda a: error(a, terminal))
+        if error(trial, terminal) < error(shift, terminal):
+            shift = trial
+        else:
+            step /= 2
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=T, shift=float(shift), shift_terminal=None if terminal is None else float(terminal),
+        stochastic_sampling=stochastic,
+    )
+    scheduler.set_timesteps(n)
+    deviation = float(np.abs(scheduler.timesteps.numpy().astype(np.float64) - target).max())
+    return scheduler, deviation
 
 
 class WanValidator:
@@ -106,6 +155,7 @@ class WanValidator:
             transformer.train(was_training)
 
         result = ValidationResult(
+            frames=videos,
             seconds_per_video=seconds,
             function_evaluations_per_video=request.num_steps * cfg_passes,
             timesteps=[float(t) for t in scheduler.timesteps],

@@ -26,7 +26,6 @@ from distill.config import Config, ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
-from distill.validation import ValidationResult
 
 
 @dataclass(kw_only=True)
@@ -213,17 +212,9 @@ class DMD2(DistillMethod):
 
     # -- validation ---------------------------------------------------------------------------
 
-    def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
-        if self.validator is None:
-            return None
-        request = self.validation_request(
-            self.student,
-            output_dir,
-            sampler_kind="sde",
-            sampling_timesteps=self.denoising_steps.tolist(),  # the steps it trains on, never repeated in config
-            guidance_scale=1.0,
-        )
-        return self.validator.run(request)
+    def sampling(self) -> dict:
+        # The student samples with exactly the steps it trains on: never written twice in a config.
+        return {"sampler_kind": "sde", "sampling_timesteps": self._denoising_steps().tolist(), "guidance_scale": 1.0}
 
 
 def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

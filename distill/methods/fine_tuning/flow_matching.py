@@ -19,7 +19,6 @@ from distill.config import ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
-from distill.validation import ValidationResult
 
 
 @dataclass(kw_only=True)
@@ -81,15 +80,7 @@ class FlowMatching(DistillMethod):
         self.model.step()
         return {"flow_matching_loss": loss.item()}
 
-    def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
-        if self.validator is None:
-            return None
+    def sampling(self) -> dict:
         m = self.method_cfg
-        request = self.validation_request(
-            self.model,
-            output_dir,
-            sampler_kind=m.validation_sampler,
-            num_inference_steps=m.validation_steps,
-            guidance_scale=m.validation_guidance_scale,
-        )
-        return self.validator.run(request)
+        return {"sampler_kind": m.validation_sampler, "num_inference_steps": m.validation_steps,
+                "guidance_scale": m.validation_guidance_scale}
