@@ -352,5 +352,6 @@ def test_shapes_world_through_the_cli_into_training(tmp_path, capsys):
     assert cli_main(["preprocess", str(config)]) == 0
     assert json.loads((tmp_path / "shards" / MANIFEST).read_text())["count"] == 12
     assert cli_main(["train", str(config)]) == 0
-    assert cli_main(["train", str(config), "--set", "method_config.rollout_mode=simulate"]) == 0
+    assert cli_main(["train", str(config), "--set", "method_config.rollout_mode=simulate",
+                     "--set", f"run.output={tmp_path / 'run-simulate'}"]) == 0
     assert capsys.readouterr().out.count("trained 2 iterations") == 2

@@ -26,8 +26,24 @@ ks = []
 pick = trainer.method.pick_rollout_index
 trainer.method.pick_rollout_index = lambda: ks.append(pick()) or ks[-1]
 prompts = []
-stream = trainer.batches
-trainer.batches = (prompts.append(b["prompt"]) or b for b in stream)
+
+
+class Recording:
+    """The trainer's loader, noting each batch's prompts."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __next__(self):
+        batch = next(self.loader)
+        prompts.append(batch["prompt"])
+        return batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+
+trainer.batches = Recording(trainer.batches)
 trainer.train()
 
 rank = trainer.dist.rank
