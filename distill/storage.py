@@ -38,6 +38,9 @@ class ArtifactStore(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
     @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Bytes of the file at `key`, or None when there is none."""
+    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all files under `prefix`, sorted."""
     @abstractmethod
@@ -122,6 +125,10 @@ class LocalStore(ArtifactStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -224,15 +231,17 @@ class S3Store(ArtifactStore):
                           lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
     def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
 
         def head():
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-                return True
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
             except ClientError as err:
                 if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                    return False
+                    return None
                 raise
 
         return self._call("lookup", key, head)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from distill.data.loader import BatchLoader
 from distill.data.preprocess import preprocess
 from distill.data.shards import MANIFEST, ShardDataset, ShardError
 from distill.errors import InputError
+from distill.storage import LocalStore
 from distill.models.wan import WanPlugin
 from distill.training.trainer import Trainer
 from distill.video import read_video, write_video
@@ -53,13 +55,13 @@ def data_config(tmp_path, videos, **data):
 
 def test_pixel_shards_hold_the_videos_and_caption_embeddings(tmp_path, videos):
     cfg = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos))
-    manifest = json.loads(preprocess(cfg, progress=False).read_text())
+    manifest = json.loads(Path(preprocess(cfg, progress=False)).read_text())
     assert manifest["count"] == N_VIDEOS and [s["count"] for s in manifest["shards"]] == [4, 4, 2]
     assert manifest["fields"] == ["prompt_embeds", "pixels"] and manifest["model"]["pixel_space"] is True
     assert manifest["shards"][0]["tensors"]["pixels"] == {"shape": [4, 3, FRAMES, SIZE, SIZE], "dtype": "uint8"}
 
     plugin = WanPlugin(cfg, device=torch.device("cpu"))
-    data = ShardDataset(cfg.data.shards, identity=plugin.identity(), max_text_length=16)
+    data = ShardDataset(LocalStore(cfg.data.shards), identity=plugin.identity(), max_text_length=16)
     assert len(data) == N_VIDEOS and set(data.fields) == {"prompt_embeds", "pixels", "negative_prompt_embeds"}
     captions = pd.read_csv(videos / "captions.csv")
     for i in (0, 5, 9):
@@ -79,7 +81,7 @@ def test_vae_shards_hold_normalised_latents_and_videos_are_resized(tmp_path):
     cfg = tiny_config(tmp_path / "run", model={"pixel_space": False}, data=data_config(tmp_path, videos))
     preprocess(cfg, progress=False)
     plugin = WanPlugin(cfg, device=torch.device("cpu"))
-    data = ShardDataset(cfg.data.shards, identity=plugin.identity(), max_text_length=16)
+    data = ShardDataset(LocalStore(cfg.data.shards), identity=plugin.identity(), max_text_length=16)
     clip = prep.load_clip(videos / "videos/001.mp4", FRAMES, SIZE, SIZE)
     assert clip.shape == (3, FRAMES, SIZE, SIZE) and clip.dtype == torch.uint8
     ref = plugin.encode_videos(clip[None].float() / 127.5 - 1)[0]
@@ -108,7 +110,7 @@ def test_cli_preprocess_then_train_in_both_rollout_modes(tmp_path, videos, mode,
 
 def test_simulate_reads_text_only_from_full_shards(shards):
     cfg, folder, identity = shards
-    dataset = ShardDataset(folder, identity=identity, max_text_length=16, with_latents=False)
+    dataset = ShardDataset(LocalStore(folder), identity=identity, max_text_length=16, with_latents=False)
     assert set(dataset[3]) == {"prompt_embeds", "negative_prompt_embeds"}
     assert "pixels" not in dataset.fields
 
@@ -137,16 +139,16 @@ def test_resume_after_a_bad_video_keeps_finished_shards_and_skips_them(tmp_path,
     encoded = []
     real = prep.encode_chunk
     monkeypatch.setattr(prep, "encode_chunk", lambda cfg, plugin, chunk: encoded.append(len(chunk)) or real(cfg, plugin, chunk))
-    manifest = json.loads(preprocess(cfg, progress=False).read_text())
+    manifest = json.loads(Path(preprocess(cfg, progress=False)).read_text())
     assert encoded == [2]  # only the unfinished shard
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-0000[01]*")} == written
     assert manifest["count"] == N_VIDEOS
 
     # A finished folder is left as it is.
-    assert preprocess(cfg, progress=False) == shards / MANIFEST and encoded == [2]
+    assert preprocess(cfg, progress=False) == str(shards / MANIFEST) and encoded == [2]
     # Same result as an uninterrupted run.
     clean = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos, shards=str(tmp_path / "clean")))
-    clean_manifest = json.loads(preprocess(clean, progress=False).read_text())
+    clean_manifest = json.loads(Path(preprocess(clean, progress=False)).read_text())
     assert [s["sha256"] for s in clean_manifest["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
 
@@ -160,7 +162,7 @@ def test_dropping_a_bad_row_reuses_the_shards_before_it(tmp_path, videos, monkey
     encoded = []
     real = prep.encode_chunk
     monkeypatch.setattr(prep, "encode_chunk", lambda cfg, plugin, chunk: encoded.append(len(chunk)) or real(cfg, plugin, chunk))
-    manifest = json.loads(preprocess(cfg, progress=False).read_text())
+    manifest = json.loads(Path(preprocess(cfg, progress=False)).read_text())
     assert encoded == [1] and manifest["count"] == 9
 
 
@@ -231,22 +233,23 @@ def test_damaged_shard_fails_naming_it_on_first_load(shards):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size, different bytes
     path.write_bytes(bytes(data))
-    dataset = ShardDataset(folder, identity=identity, max_text_length=16)
+    dataset = ShardDataset(LocalStore(folder), identity=identity, max_text_length=16)
     dataset[0]  # shard 0 is fine
     with pytest.raises(ShardError, match="shard-00001.safetensors: checksum differs"):
         dataset[5]
 
     path.write_bytes(bytes(data[:-10]))
     with pytest.raises(ShardError, match="shard-00001.safetensors: .* bytes"):
-        ShardDataset(folder, identity=identity, max_text_length=16)
+        ShardDataset(LocalStore(folder), identity=identity, max_text_length=16)
     path.unlink()
     with pytest.raises(ShardError, match="shard-00001.safetensors: shard listed in MANIFEST.json is missing"):
-        ShardDataset(folder, identity=identity, max_text_length=16)
+        ShardDataset(LocalStore(folder), identity=identity, max_text_length=16)
 
 
 def test_shard_whose_tensors_disagree_with_the_manifest(shards):
-    from distill.data.shards import sha256_of, write_json
     from safetensors.torch import load_file, save_file
+
+    from distill.data.shards import sha256_of
 
     cfg, folder, identity = shards
     path = folder / "shard-00002.safetensors"
@@ -255,8 +258,8 @@ def test_shard_whose_tensors_disagree_with_the_manifest(shards):
     save_file(tensors, str(path))
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["shards"][2].update(bytes=path.stat().st_size, sha256=sha256_of(path))  # checksum made to agree
-    write_json(folder / MANIFEST, manifest)
-    dataset = ShardDataset(folder, identity=identity, max_text_length=16)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    dataset = ShardDataset(LocalStore(folder), identity=identity, max_text_length=16)
     with pytest.raises(ShardError, match="shard-00002.safetensors: tensors .* disagree with MANIFEST.json"):
         dataset[9]
 
@@ -286,7 +289,7 @@ def test_cli_reports_input_errors(tmp_path, videos, capsys):
 def test_prompt_only_from_inline_prompts(tmp_path):
     cfg = tiny_config(tmp_path / "run", data={"prompts": ["a", "b", "c"], "prompt_only": True,
                                               "shards": str(tmp_path / "p")})
-    manifest = json.loads(preprocess(cfg, progress=False).read_text())
+    manifest = json.loads(Path(preprocess(cfg, progress=False)).read_text())
     assert manifest["count"] == 3 and manifest["fields"] == ["prompt_embeds"] and manifest["video"] is None
     with pytest.raises(ConfigError, match="data.videos: no videos to preprocess"):
         preprocess(tiny_config(tmp_path / "run", data={"prompts": ["a"], "shards": str(tmp_path / "q")}))
@@ -331,7 +334,7 @@ def test_loader_splits_ranks_shuffles_by_seed_and_resumes_exactly():
 
 def test_shard_order_is_shard_local(shards):
     cfg, folder, identity = shards
-    dataset = ShardDataset(folder, identity=identity, max_text_length=16)
+    dataset = ShardDataset(LocalStore(folder), identity=identity, max_text_length=16)
     order = dataset.epoch_order(0, seed=1)
     assert sorted(order) == list(range(N_VIDEOS))
     shard_of = [dataset.locate(i)[0] for i in order]
@@ -355,3 +358,29 @@ def test_shapes_world_through_the_cli_into_training(tmp_path, capsys):
     assert cli_main(["train", str(config), "--set", "method_config.rollout_mode=simulate",
                      "--set", f"run.output={tmp_path / 'run-simulate'}"]) == 0
     assert capsys.readouterr().out.count("trained 2 iterations") == 2
+
+
+def test_shards_through_s3_preprocess_resume_train_and_damage(tmp_path, videos, s3, capsys):
+    prefix = f"shards-{os.getpid()}"
+    storage = {"endpoint_url": s3.endpoint, "local_dir": str(tmp_path / "work"), "retries": 2, "backoff_seconds": 0.05}
+    data = data_config(tmp_path, videos, shards=f"s3://{s3.bucket}/{prefix}")
+    config = write_yaml(tmp_path / "run.yaml", tiny_raw(tmp_path / "run", data=data, storage=storage,
+                                                         training={"max_steps": 2},
+                                                         method_config={"rollout_mode": "data_latent"}))
+    assert cli_main(["preprocess", str(config)]) == 0
+    client = s3.client()
+    keys = sorted(o["Key"].split("/", 1)[1] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)["Contents"])
+    assert keys == ["MANIFEST.json", "PLAN.json", "negative.safetensors", "shard-00000.json",
+                    "shard-00000.safetensors", "shard-00001.json", "shard-00001.safetensors", "shard-00002.json",
+                    "shard-00002.safetensors"]
+    assert cli_main(["preprocess", str(config)]) == 0  # finished: nothing redone
+    assert cli_main(["train", str(config)]) == 0
+    assert "trained 2 iterations" in capsys.readouterr().out
+
+    body = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/shard-00000.safetensors")["Body"].read()
+    damaged = body[:-1] + bytes([body[-1] ^ 0xFF])
+    client.put_object(Bucket=s3.bucket, Key=f"{prefix}/shard-00000.safetensors", Body=damaged)
+    # A full epoch reads every shard, the damaged one too.
+    assert cli_main(["train", str(config), "--set", f"run.output={tmp_path / 'run2'}",
+                     "--set", "training.max_steps=12"]) == 2
+    assert f"s3://{s3.bucket}/{prefix}/shard-00000.safetensors: checksum differs" in capsys.readouterr().err

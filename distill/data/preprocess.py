@@ -25,10 +25,9 @@ import torch.nn.functional as F
 
 from distill import registry
 from distill.config import Config, ConfigError
-from distill.data.shards import (
-    FORMAT_VERSION, MANIFEST, NEGATIVE, read_record, write_json, write_shard,
-)
+from distill.data.shards import FORMAT_VERSION, MANIFEST, NEGATIVE, read_record, write_shard
 from distill.errors import InputError
+from distill.storage import open_store
 from distill.video import read_video
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
@@ -122,8 +121,8 @@ def chunk_fingerprint(plan: dict, chunk: list[Item]) -> str:
     return hashlib.sha256(json.dumps([plan, [(i.video, i.caption) for i in chunk]]).encode()).hexdigest()
 
 
-def preprocess(cfg: Config, *, progress: bool = True) -> Path:
-    """Write (or finish) the shard folder `data.shards`; returns its MANIFEST.json."""
+def preprocess(cfg: Config, *, progress: bool = True) -> str:
+    """Write (or finish) the shard folder `data.shards` (local or s3://); returns its manifest's URI."""
     from tqdm import tqdm
 
     from distill.training.trainer import resolve_device
@@ -131,6 +130,8 @@ def preprocess(cfg: Config, *, progress: bool = True) -> Path:
     d = cfg.data
     if not d.shards:
         raise ConfigError("data.shards: set the folder that preprocessing writes")
+    store = open_store(d.shards, cfg.storage)
+    store.check()
     # 1. Inputs, checked.
     items = read_items(cfg)
     device = resolve_device(cfg)
@@ -138,29 +139,28 @@ def preprocess(cfg: Config, *, progress: bool = True) -> Path:
     plugin = registry.get_model(cfg.model.family)(cfg, device=device, frozen_dtype=dtype)
 
     # 2. The plan; refuse a folder made with another model or other settings.
-    folder = Path(d.shards)
     plan = plan_of(cfg, plugin.identity())
     chunks = [items[i : i + d.shard_size] for i in range(0, len(items), d.shard_size)]
     fingerprints = [chunk_fingerprint(plan, c) for c in chunks]
-    if (folder / PLAN).is_file() and json.loads((folder / PLAN).read_text()) != plan:
-        raise InputError(f"{folder / PLAN}: this folder holds shards made with another model or settings; "
+    if store.exists(PLAN) and json.loads(store.get_text(PLAN)) != plan:
+        raise InputError(f"{store.key_uri(PLAN)}: this folder holds shards made with another model or settings; "
                          f"set data.shards to a new folder (nothing was changed)")
-    if (folder / MANIFEST).is_file():
-        manifest = json.loads((folder / MANIFEST).read_text())
+    if store.exists(MANIFEST):
+        manifest = json.loads(store.get_text(MANIFEST))
         if [r.get("chunk") for r in manifest["shards"]] == fingerprints:
-            return folder / MANIFEST  # finished for exactly these items
-        (folder / MANIFEST).unlink()  # the items changed: unpublish, then redo the shards that differ
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / PLAN, plan)
+            return store.key_uri(MANIFEST)  # finished for exactly these items
+        store.delete(MANIFEST)  # the items changed: unpublish, then redo the shards that differ
+    store.put_text(json.dumps(plan, indent=1), PLAN)
+    staging = Path(store.root) if store.is_local else Path(staging_dir(cfg))
 
     # 3. Shards: skip those already written from the same items, encode the rest.
     records = []
     bar = tqdm(total=len(items), desc="preprocess", unit="sample", disable=not progress)
     for index, (chunk, fingerprint) in enumerate(zip(chunks, fingerprints)):
-        record = read_record(folder, index)
+        record = read_record(store, index)
         if record is None or record.get("chunk") != fingerprint:
             extra = {"chunk": fingerprint, "captions": [i.caption for i in chunk], "videos": [i.video for i in chunk]}
-            record = write_shard(folder, index, encode_chunk(cfg, plugin, chunk), extra)
+            record = write_shard(store, staging, index, encode_chunk(cfg, plugin, chunk), extra)
         records.append(record)
         bar.update(len(chunk))
     bar.close()
@@ -169,7 +169,9 @@ def preprocess(cfg: Config, *, progress: bool = True) -> Path:
     from safetensors.torch import save_file
 
     negative = trim_padding(plugin.encode_prompts([d.negative_prompt], cache=False))[0]
-    save_file({"negative_prompt_embeds": negative.to(torch.bfloat16).contiguous().cpu()}, str(folder / NEGATIVE))
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file({"negative_prompt_embeds": negative.to(torch.bfloat16).contiguous().cpu()}, str(staging / NEGATIVE))
+    store.put_file(staging / NEGATIVE, NEGATIVE)
     manifest = {
         "format_version": FORMAT_VERSION,
         "count": len(items),
@@ -179,8 +181,15 @@ def preprocess(cfg: Config, *, progress: bool = True) -> Path:
         "negative_prompt": d.negative_prompt,
         "shards": records,
     }
-    write_json(folder / MANIFEST, manifest)
-    return folder / MANIFEST
+    store.put_text(json.dumps(manifest, indent=1), MANIFEST)
+    return store.key_uri(MANIFEST)
+
+
+def staging_dir(cfg: Config) -> str:
+    """Local folder where shards bound for a remote store are made (one at a time)."""
+    import tempfile
+
+    return cfg.storage.local_dir or tempfile.mkdtemp(prefix="distill-preprocess-")
 
 
 def encode_chunk(cfg: Config, plugin, chunk: list[Item]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The shard format: what `distill preprocess` writes and the trainer reads.
 
-A shard folder holds
+A shard folder (local, or s3:// through the artifact store) holds
     shard-00000.safetensors   tensors of up to `shard_size` samples
     shard-00000.json          its record: count, bytes, sha256, tensor shapes and dtypes, captions, videos
     negative.safetensors      the negative-prompt embedding, once
@@ -8,8 +8,8 @@ A shard folder holds
 
 Tensors: `prompt_embeds` (N, L, D) bf16 with L the longest prompt in the shard (zero padding
 beyond is cut and restored at load), and for video data `pixels` (N, 3, F, H, W) uint8 or
-`vae_latent` (N, C, F', H', W') bf16. A shard counts as written once its record exists; a
-folder counts as finished once MANIFEST.json exists.
+`vae_latent` (N, C, F', H', W') bf16. A shard counts as written once its record exists (the
+record goes up after the file); a folder counts as finished once MANIFEST.json exists.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from distill.errors import InputError
+from distill.storage import ArtifactStore
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -52,46 +54,52 @@ def describe(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def write_shard(store: ArtifactStore, staging: Path, index: int, tensors: dict[str, torch.Tensor],
+                extra: dict) -> dict:
+    """Write one shard file into the store, then its record (which marks it complete). Returns the record.
 
-
-def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], extra: dict) -> dict:
-    """Write one shard file, then its record (the record marks it complete). Returns the record."""
+    `staging` is where the file is made; for a local store it is the store's own folder.
+    """
     name = shard_name(index)
-    path = folder / f"{name}.safetensors"
-    tmp = folder / f"{name}.safetensors.tmp"
+    path = staging / f"{name}.safetensors"
+    tmp = staging / f"{name}.safetensors.tmp"
+    staging.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
     count = next(iter(tensors.values())).shape[0]
     record = {"file": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_of(path),
               "tensors": describe(tensors), **extra}
-    write_json(folder / f"{name}.json", record)
+    store.put_file(path, path.name)
+    store.put_text(json.dumps(record, indent=1), f"{name}.json")
+    if not store.is_local:
+        path.unlink()
     return record
 
 
-def read_record(folder: Path, index: int) -> dict | None:
-    """The record of a complete shard, or None when the shard is missing, partial or damaged."""
+def read_record(store: ArtifactStore, index: int) -> dict | None:
+    """The record of a complete shard, or None when the shard is missing, partial or damaged.
+
+    Locally the file's checksum is checked; in a remote store its size (the checksum is
+    checked again when training first loads the shard).
+    """
     name = shard_name(index)
-    record_path, path = folder / f"{name}.json", folder / f"{name}.safetensors"
-    if not record_path.is_file() or not path.is_file():
+    if not store.exists(f"{name}.json"):
         return None
-    record = json.loads(record_path.read_text())
-    if path.stat().st_size != record["bytes"] or sha256_of(path) != record["sha256"]:
+    record = json.loads(store.get_text(f"{name}.json"))
+    if store.size(record["file"]) != record["bytes"]:
+        return None
+    if store.is_local and sha256_of(Path(store.root) / record["file"]) != record["sha256"]:
         return None
     return record
 
 
-def read_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{folder}: no {MANIFEST}; not a finished shard folder (run `distill preprocess` to make one)")
-    manifest = json.loads(path.read_text())
+def read_manifest(store: ArtifactStore) -> dict:
+    if not store.exists(MANIFEST):
+        raise ShardError(f"{store.uri}: no {MANIFEST}; not a finished shard folder (run `distill preprocess` to make one)")
+    manifest = json.loads(store.get_text(MANIFEST))
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format_version {manifest.get('format_version')}, this reader knows {FORMAT_VERSION}")
+        raise ShardError(f"{store.key_uri(MANIFEST)}: format_version {manifest.get('format_version')}, "
+                         f"this reader knows {FORMAT_VERSION}")
     return manifest
 
 
@@ -103,10 +111,13 @@ class ShardDataset(Dataset):
     time it is loaded, so start-up does not read the whole data set.
     """
 
-    def __init__(self, folder: str | Path, *, identity: dict, max_text_length: int, video: dict | None = None,
-                 with_latents: bool = True, cache_shards: int = 2):
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+    def __init__(self, store: ArtifactStore, *, identity: dict, max_text_length: int, video: dict | None = None,
+                 with_latents: bool = True, cache_dir: Path | None = None, cache_shards: int = 2):
+        self.store = store
+        self.folder = store.uri
+        # Remote shards are downloaded on first use into cache_dir; local ones are read in place.
+        self.files = Path(store.root) if store.is_local else Path(cache_dir or tempfile.mkdtemp(prefix="distill-shards-"))
+        self.manifest = read_manifest(store)
         theirs = self.manifest["model"]
         diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
         if diff:
@@ -120,11 +131,11 @@ class ShardDataset(Dataset):
         if not self.records or self.manifest["count"] == 0:
             raise ShardError(f"{self.folder}: the data set is empty (0 samples)")
         for record in self.records:
-            path = self.folder / record["file"]
-            if not path.is_file():
-                raise ShardError(f"{path}: shard listed in {MANIFEST} is missing")
-            if path.stat().st_size != record["bytes"]:
-                raise ShardError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {record['bytes']}")
+            where, size = store.key_uri(record["file"]), store.size(record["file"])
+            if size is None:
+                raise ShardError(f"{where}: shard listed in {MANIFEST} is missing")
+            if size != record["bytes"]:
+                raise ShardError(f"{where}: {size} bytes, {MANIFEST} says {record['bytes']}")
         # Methods that start from noise read the text alone: the latents stay on disk.
         stored = self.manifest["fields"]
         self.keys = [k for k in stored if with_latents or k == "prompt_embeds"]
@@ -136,7 +147,7 @@ class ShardDataset(Dataset):
             self.starts.append(total)
             total += record["count"]
         self.count = total
-        negative = load_file(str(self.folder / NEGATIVE))["negative_prompt_embeds"]
+        negative = load_file(str(self._local(NEGATIVE)))["negative_prompt_embeds"]
         self.negative = self._pad_text(negative[None])[0].float()
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._verified: set[int] = set()
@@ -144,6 +155,12 @@ class ShardDataset(Dataset):
 
     def __len__(self) -> int:
         return self.count
+
+    def _local(self, name: str) -> Path:
+        path = self.files / name
+        if not self.store.is_local and not path.is_file():
+            self.store.get_file(name, path)
+        return path
 
     def locate(self, index: int) -> tuple[int, int]:
         lo, hi = 0, len(self.starts) - 1
@@ -161,16 +178,17 @@ class ShardDataset(Dataset):
             self._cache.move_to_end(shard)
             return self._cache[shard]
         record = self.records[shard]
-        path = self.folder / record["file"]
+        path = self._local(record["file"])
+        where = self.store.key_uri(record["file"])
         if shard not in self._verified:
             if sha256_of(path) != record["sha256"]:
-                raise ShardError(f"{path}: checksum differs from {MANIFEST} (the file changed or is damaged)")
+                raise ShardError(f"{where}: checksum differs from {MANIFEST} (the file changed or is damaged)")
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in self.keys}
         if shard not in self._verified:
             found, expected = describe(tensors), {k: record["tensors"].get(k) for k in self.keys}
             if found != expected:
-                raise ShardError(f"{path}: tensors {found} disagree with {MANIFEST} {expected}")
+                raise ShardError(f"{where}: tensors {found} disagree with {MANIFEST} {expected}")
             self._verified.add(shard)
         self._cache[shard] = tensors
         while len(self._cache) > self.cache_shards:

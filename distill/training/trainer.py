@@ -20,6 +20,7 @@ from distill.config import Config, ConfigError, to_dict
 from distill.data.loader import BatchLoader
 from distill.data.prompts import PromptDataset
 from distill.data.shards import ShardDataset
+from distill.storage import open_store
 from distill.training.distributed import all_reduce_mean, init_distributed
 from distill.training.engines import wrap_in_engines
 from distill.training.checkpoint import CheckpointManager
@@ -91,9 +92,11 @@ class Trainer:
         """Shards when data.shards is set (latents read only for methods that use them), else the inline prompts."""
         d = self.cfg.data
         if d.shards:
-            return ShardDataset(d.shards, identity=self.plugin.identity(), max_text_length=self.cfg.model.max_text_length,
+            return ShardDataset(open_store(d.shards, self.cfg.storage), identity=self.plugin.identity(),
+                                max_text_length=self.cfg.model.max_text_length,
                                 video={"num_frames": d.num_frames, "height": d.height, "width": d.width},
-                                with_latents=method_cls.latents_source(self.cfg.method_config) == "data")
+                                with_latents=method_cls.latents_source(self.cfg.method_config) == "data",
+                                cache_dir=self.run_dir / "shard-cache" / f"rank-{self.dist.rank:05d}")
         if d.prompts:
             return PromptDataset(d.prompts)
         raise ConfigError(f"data.videos ({d.videos}) must be preprocessed first: `distill preprocess CONFIG` "
