@@ -1,6 +1,7 @@
 """`distill` command line: train, preprocess, shapes, check-config.
 
     distill shapes OUT --count 1000            a shapes-world data set (videos + captions.csv)
+    distill bench CHECKPOINT / compare REPORT...  benchmarks and their comparison
     distill preprocess CONFIG                  data.videos -> data.shards
     distill train CONFIG [--set key.path=value ...]
 
@@ -34,6 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="a checkpoint folder: path or s3://bucket/run/checkpoints/step-000500")
     exp.add_argument("out_dir")
     exp.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// checkpoint")
+    bench = sub.add_parser("bench", help="benchmark a checkpoint: latency and quality of student and teacher")
+    bench.add_argument("checkpoint", help="<output>/checkpoints/step-000500 (a path or s3:// URI)")
+    bench.add_argument("--out", default=None, help="report folder (default <output>/bench/<checkpoint>)")
+    bench.add_argument("--prompts", type=int, default=8)
+    bench.add_argument("--seeds", type=int, default=4)
+    bench.add_argument("--teacher-steps", type=int, default=50)
+    bench.add_argument("--teacher-guidance", type=float, default=None)
+    bench.add_argument("--real-videos", type=int, default=64)
+    bench.add_argument("--metric", action="append", default=[], metavar="NAME=PATH",
+                       help="plug-in metric with local weights, e.g. clip=/models/clip (repeatable)")
+    bench.add_argument("--training-iterations", type=int, default=0, help="also measure training throughput")
+    bench.add_argument("--endpoint-url", default=None)
+    compare = sub.add_parser("compare", help="put benchmark reports side by side, with deltas and regressions")
+    compare.add_argument("reports", nargs="+", help="report folders (or report.parquet files), oldest first")
+    compare.add_argument("--out", default=None)
+    compare.add_argument("--tolerance", type=float, default=0.02)
     sub.add_parser("shapes", help="write a shapes-world data set (distill shapes OUT --count N ...; see its --help)")
     check = sub.add_parser("check-config", help="load and check a config, print the resolved version")
     check.add_argument("config")
@@ -58,6 +75,23 @@ def main(argv: list[str] | None = None) -> int:
             load = "".join(f", {k}={v!r}" for k, v in record["load"].items())
             print(f"exported {record['role']} of {args.checkpoint} (step {record['step']}) to {args.out_dir}; "
                   f"sample with WanPipeline.from_pretrained({args.out_dir!r}{load})(prompt, {call})")
+            return 0
+        if args.command == "bench":
+            from distill.bench.inference import BenchSpec
+            from distill.bench.run import bench_checkpoint
+            from distill.config import StorageConfig
+
+            spec = BenchSpec(prompts=args.prompts, seeds=args.seeds, teacher_steps=args.teacher_steps,
+                             teacher_guidance=args.teacher_guidance, real_videos=args.real_videos, metrics=args.metric)
+            report = bench_checkpoint(args.checkpoint, spec, out=args.out, storage=StorageConfig(endpoint_url=args.endpoint_url),
+                                      training_iterations=args.training_iterations)
+            print(f"report: {report}")
+            return 0
+        if args.command == "compare":
+            from distill.bench.report import compare as compare_reports
+
+            _, markdown = compare_reports(args.reports, args.out, args.tolerance)
+            print(markdown)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":

@@ -52,6 +52,7 @@ class ValidationResult:
     contact_sheet: str | None = None
     meta: str | None = None
     seconds_per_video: list[float] = field(default_factory=list)
+    denoising_seconds_per_video: list[float] = field(default_factory=list)
     function_evaluations_per_video: int = 0
     timesteps: list[float] = field(default_factory=list)
 

@@ -5,7 +5,8 @@
 Builds teacher (frozen, bf16), student and critic (ZeRO-2 bf16 DeepSpeed engines, activation
 checkpointing) from an in-code preset with random weights, feeds random text embeddings
 (no text encoder needed), runs the real Trainer iterations, and prints seconds per
-iteration of each kind (median after warm-up) and the peak GPU memory. Prints numbers; asserts nothing.
+iteration of each kind (median after warm-up), model FLOPs utilisation against a bf16 matmul
+peak measured in the same run, and the peak GPU memory. Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
 from torch.utils.data import Dataset
 
+from distill.bench.inference import versions
 from distill.config import build_config
 
 
@@ -75,62 +76,31 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
 
+    from distill.bench.training import measure
     from distill.training.trainer import Trainer
 
     cfg = build_config(bench_config(args))
-    cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
     trainer = Trainer(cfg, dataset=RandomEmbeddings(4, args.text_length, args.text_dim))
     build_seconds = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-    rows = []
-    while trainer.iteration < args.iterations:
-        start = time.perf_counter()
-        values = trainer.train_iteration()
-        if cuda:
-            torch.cuda.synchronize()
-        rows.append({"iteration": trainer.iteration - 1, "seconds": time.perf_counter() - start,
-                     "student_update": bool(values["updated_student"]), "rollout_k": int(values["rollout_k"]),
-                     "critic_loss": values["critic_loss"], "generator_loss": values.get("generator_loss")})
-        print(json.dumps(rows[-1]), flush=True)
-
-    warm = [r for r in rows if r["iteration"] >= 2]  # the first update and the first critic-only are warm-up
-    upd = [r["seconds"] for r in warm if r["student_update"]]
-    crit = [r["seconds"] for r in warm if not r["student_update"]]
+    figures = measure(trainer, iterations=args.iterations - 2, warmup=2)
+    for row in figures["rows"]:
+        print(json.dumps(row), flush=True)
     result = {
-        "card": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "versions": _versions(),
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "versions": versions(),
         "shape": {"frames": args.frames, "height": args.height, "width": args.width, "batch": 1},
         "preset": args.preset,
         "zero_stage": args.zero_stage,
         "activation_checkpointing": not args.no_checkpointing,
         "build_seconds": round(build_seconds, 2),
-        "student_update_seconds_median": statistics.median(upd) if upd else None,
-        "student_update_seconds_all": [round(s, 3) for s in upd],
-        "student_update_rollout_k": [r["rollout_k"] for r in warm if r["student_update"]],
-        "critic_only_seconds_median": statistics.median(crit) if crit else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "iterations": rows,
+        **figures,
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "iterations"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-def _versions() -> dict:
-    import deepspeed
-    import diffusers
-
-    out = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-    return out
 
 
 if __name__ == "__main__":

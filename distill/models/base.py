@@ -39,11 +39,18 @@ class ModelPlugin(ABC):
 
     # -- roles -----------------------------------------------------------------------------
 
-    def build_roles(self) -> RoleManager:
-        """One handle per configured role, weights resolved through `init_from`, frozen roles frozen."""
+    def build_roles(self, names: list[str] | None = None) -> RoleManager:
+        """A handle per configured role (or per role in `names`), weights resolved through `init_from`,
+        frozen roles frozen."""
         roles = self.cfg.roles
+        wanted = set(roles if names is None else names)
+        needed = set()
+        for name in wanted:  # the roles asked for and those they start from
+            while name in roles and name not in needed:
+                needed.add(name)
+                name = roles[name].init_from
         modules: dict[str, nn.Module] = {}
-        for name in _init_order(roles):
+        for name in (n for n in _init_order(roles) if n in needed):
             source = roles[name].init_from
             if source is None:
                 modules[name] = self.new_denoiser()
@@ -53,6 +60,8 @@ class ModelPlugin(ABC):
                 modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
         handles = {}
         for name, role in roles.items():
+            if name not in wanted:
+                continue
             module = modules[name].to(self.device)
             if role.trainable:
                 module.train().requires_grad_(True)
@@ -62,6 +71,11 @@ class ModelPlugin(ABC):
                 cast_frozen(module.eval().requires_grad_(False), self.frozen_dtype)
             handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
         return RoleManager(handles)
+
+    def frozen_role(self, name: str, module: nn.Module) -> RoleHandle:
+        """A frozen handle around a module (e.g. a checkpoint's exported student, for sampling)."""
+        module = cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
+        return RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=False)
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -157,6 +157,7 @@ class WanValidator:
         result = ValidationResult(
             frames=videos,
             seconds_per_video=seconds,
+            denoising_seconds_per_video=denoise_seconds,
             function_evaluations_per_video=request.num_steps * cfg_passes,
             timesteps=[float(t) for t in scheduler.timesteps],
         )

@@ -1,0 +1,165 @@
+"""Benchmark a checkpoint: latency and quality of its student and of its teacher, same prompts and seeds.
+
+Rows, one per (checkpoint, model, sampler, steps):
+- the exported role (the student) with its own sampling (a DMD2 student: its k steps, sde, no CFG);
+- when the run has a frozen `teacher` role: the teacher with CFG at `teacher_steps` (ode) and at
+  the student's k steps (ode), the baselines the student is judged against.
+Latency excludes a warm-up video and is the median over every (prompt, seed) video.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from distill import registry
+from distill.bench.quality import load_metric, real_feature_set, score_videos
+from distill.config import Config, StorageConfig, build_config
+from distill.roles import RoleManager
+from distill.storage import open_store
+from distill.training.checkpoint import MANIFEST, CheckpointError
+from distill.validation import ValidationRequest
+
+
+@dataclass(kw_only=True)
+class BenchSpec:
+    prompts: int = 8
+    """Prompts, drawn (seeded) from the run's captions."""
+    seeds: int = 4
+    """Videos per prompt."""
+    teacher_steps: int = 50
+    """Steps of the reference teacher (ode, with CFG)."""
+    teacher_guidance: float | None = None
+    """CFG scale of the teacher; unset = the run's (DMD2's real-score scale, or flow matching's validation scale)."""
+    real_videos: int = 64
+    """Real videos (from data.videos) for Fréchet distance and coverage."""
+    metrics: list[str] = field(default_factory=list)
+    """Plug-in metrics, NAME=PATH (e.g. clip=/models/clip)."""
+    seed: int = 0
+
+
+def load_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[Config, dict, object]:
+    store = open_store(uri.rstrip("/"), storage)
+    if not store.exists(MANIFEST):
+        raise CheckpointError(f"{uri}: not a complete checkpoint (no {MANIFEST})")
+    cfg = build_config(yaml.safe_load(store.get_text("config.yaml")))
+    if storage is not None:
+        cfg.storage = storage
+    return cfg, json.loads(store.get_text(MANIFEST)), store
+
+
+def bench_prompts(cfg: Config, n: int, seed: int) -> tuple[list[str], list[Path]]:
+    """Captions to sample, and the real videos of the data set (empty without data.videos)."""
+    rng = random.Random(seed)
+    d = cfg.data
+    videos: list[Path] = []
+    if d.videos:
+        import pandas as pd
+
+        table = Path(d.videos) / d.captions_file
+        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table, keep_default_na=False)
+        captions = sorted(set(frame["caption"]))
+        if "video" in frame.columns:
+            videos = [Path(d.videos) / v for v in frame["video"]]
+    elif d.shards:
+        from distill.data.shards import read_manifest
+
+        manifest = read_manifest(open_store(d.shards, cfg.storage))
+        captions = sorted({c for r in manifest["shards"] for c in r.get("captions", [])})
+    else:
+        captions = sorted(set(cfg.validation.prompts or d.prompts))
+    if not captions:
+        raise CheckpointError("the run's data names no captions to benchmark with")
+    return rng.sample(captions, min(n, len(captions))), rng.sample(videos, len(videos))
+
+
+def teacher_guidance(cfg: Config) -> float:
+    m = cfg.method_config
+    if hasattr(m, "standard_guidance_scale"):
+        return m.standard_guidance_scale
+    return getattr(m, "validation_guidance_scale", 1.0)
+
+
+def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig | None = None) -> tuple[list[dict], dict]:
+    """Rows of the inference/quality table, and the report's metadata."""
+    cfg, manifest, store = load_checkpoint(uri, storage)
+    from distill.data.preprocess import load_clip
+    from distill.training.trainer import resolve_device
+
+    device = resolve_device(cfg)
+    plugin = registry.get_model(cfg.model.family)(
+        cfg, device=device, frozen_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    method = registry.get_method(cfg.method).cls(cfg, RoleManager({}), plugin)
+    sampling = method.sampling()
+    with tempfile.TemporaryDirectory() as tmp:
+        store.download_folder("export/transformer", Path(tmp) / "transformer")
+        student = plugin.frozen_role(manifest["export_role"], plugin.load_denoiser(str(Path(tmp) / "transformer"),
+                                                                                   key="checkpoint export"))
+    runs = [(student, sampling)]
+    teacher_role = cfg.roles.get("teacher")
+    if teacher_role is not None and not teacher_role.trainable and manifest["export_role"] != "teacher":
+        teacher = plugin.build_roles(["teacher"])["teacher"]
+        w = spec.teacher_guidance if spec.teacher_guidance is not None else teacher_guidance(cfg)
+        k = len(sampling["sampling_timesteps"]) if sampling.get("sampling_timesteps") else sampling["num_inference_steps"]
+        runs.append((teacher, {"sampler_kind": "ode", "num_inference_steps": spec.teacher_steps, "guidance_scale": w}))
+        if k != spec.teacher_steps:
+            runs.append((teacher, {"sampler_kind": "ode", "num_inference_steps": k, "guidance_scale": w}))
+
+    d = cfg.data
+    captions, real_paths = bench_prompts(cfg, spec.prompts, spec.seed)
+    real_videos = [load_clip(p, d.num_frames, d.height, d.width).permute(1, 2, 3, 0).numpy()
+                   for p in real_paths[: spec.real_videos]]
+    real_features = real_feature_set(real_videos) if len(real_videos) > 1 else None
+    metrics = [load_metric(m) for m in spec.metrics]
+    seeds = [spec.seed + i for i in range(spec.seeds)]
+    validator = plugin.validator()
+
+    rows = []
+    for handle, how in runs:
+        request = dict(sample_handle=handle, num_frames=d.num_frames, height=d.height, width=d.width,
+                       negative_prompt=d.negative_prompt, **how)
+        validator.run(ValidationRequest(prompts=captions[:1], seeds=seeds[:1], output_dir=None, **request))  # warm-up
+        steps = len(how["sampling_timesteps"]) if how.get("sampling_timesteps") else how["num_inference_steps"]
+        label = f"{handle.name}-{how['sampler_kind']}-{steps}"
+        result = validator.run(ValidationRequest(prompts=captions, seeds=seeds, output_dir=str(out_dir / "videos" / label),
+                                                 video_format="mp4", **request))
+        prompt_ids = [i for i in range(len(captions)) for _ in seeds]
+        per_video = [c for c in captions for _ in seeds]
+        quality = score_videos(result.frames, per_video, prompt_ids, real_features=real_features,
+                               real_videos=real_videos, metrics=metrics)
+        latency = statistics.median(result.seconds_per_video)
+        denoise = statistics.median(result.denoising_seconds_per_video)
+        rows.append({
+            "checkpoint": manifest["name"], "step": manifest["step"], "model": handle.name,
+            "sampler": how["sampler_kind"], "steps": steps, "guidance": how.get("guidance_scale", 1.0),
+            "nfe": result.function_evaluations_per_video, "latency_s": latency, "denoise_s": denoise,
+            "decode_s": latency - denoise, "videos": len(result.frames), **quality,
+            "contact_sheet": f"videos/{label}/contact.png",
+        })
+    meta = {
+        "checkpoint": uri, "name": manifest["name"], "step": manifest["step"], "method": cfg.method,
+        "card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "versions": versions(), "prompts": captions, "seeds": seeds, "real_videos": len(real_videos),
+        "size": {"num_frames": d.num_frames, "height": d.height, "width": d.width},
+    }
+    return rows, meta
+
+
+def versions() -> dict:
+    import deepspeed
+    import diffusers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "deepspeed": deepspeed.__version__, "numpy": np.__version__}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out

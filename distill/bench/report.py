@@ -1,0 +1,153 @@
+"""Benchmark reports: a table in parquet and CSV, a markdown summary, PNG plots; and comparisons.
+
+A report folder holds report.parquet / report.csv (one row per checkpoint, model, sampler,
+steps), training.json (throughput, when measured), meta.json (card, versions, prompts),
+report.md and quality_vs_steps.png, latency_vs_steps.png, training_curves.png.
+`compare` lines several reports up by (model, sampler, steps), with deltas against the first
+and regressions flagged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+QUALITY = ["adherence_colour", "adherence_shape", "adherence_direction", "adherence_all", "motion_consistency",
+           "sharpness", "diversity", "coverage"]
+LOWER_IS_BETTER = {"latency_s", "denoise_s", "decode_s", "fd_oracle"}
+KEY = ["model", "sampler", "steps"]
+
+
+def write_report(out_dir: Path, rows: list[dict], meta: dict, training: dict | None = None,
+                 metrics_history: list[dict] | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    table["card"] = meta["card"]
+    table.to_parquet(out_dir / "report.parquet", index=False)
+    table.to_csv(out_dir / "report.csv", index=False)
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    if training is not None:
+        (out_dir / "training.json").write_text(json.dumps(training, indent=2))
+    plots = _plots(out_dir, table, metrics_history)
+    (out_dir / "report.md").write_text(_markdown(table, meta, training, plots))
+    return out_dir / "report.md"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
+
+
+def _markdown(table: pd.DataFrame, meta: dict, training: dict | None, plots: list[str]) -> str:
+    lines = [f"# Benchmark: {meta['name']} (step {meta['step']}, {meta['method']})", "",
+             f"Card: {meta['card']}. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+             f"Videos: {len(meta['prompts'])} prompts x {len(meta['seeds'])} seeds at "
+             f"{meta['size']['num_frames']}x{meta['size']['height']}x{meta['size']['width']}; "
+             f"{meta['real_videos']} real videos for Fréchet distance and coverage.", ""]
+    speed = [c for c in ["model", "sampler", "steps", "guidance", "nfe", "latency_s", "denoise_s", "decode_s"]
+             if c in table]
+    lines += ["## Latency (median seconds per video, warm-up excluded)", "", _md_table(table[speed])]
+    base = table[(table["model"] != table["model"].iloc[0])]
+    if len(base):
+        ref = base.loc[base["steps"].idxmax()]
+        student = table.iloc[0]
+        lines += [f"Speed-up of {student['model']} ({student['steps']} steps) over {ref['model']} "
+                  f"({ref['steps']} steps, CFG {ref['guidance']:g}): end to end "
+                  f"{ref['latency_s'] / student['latency_s']:.1f}x, denoising {ref['denoise_s'] / student['denoise_s']:.1f}x.", ""]
+    quality = KEY + [c for c in table.columns if c in QUALITY or c.startswith("fd_") or c.endswith("_score")]
+    lines += ["## Quality (shapes-world oracle; fd_* lower is better)", "", _md_table(table[quality])]
+    if training is not None:
+        keep = {k: v for k, v in training.items() if k != "rows"}
+        lines += ["## Training throughput", "", _md_table(pd.DataFrame([keep]))]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for name, columns in (("quality_vs_steps.png", ["adherence_all", "sharpness", "diversity", "coverage"]),
+                          ("latency_vs_steps.png", ["latency_s", "denoise_s"])):
+        columns = [c for c in columns if c in table]
+        fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
+        for ax, column in zip(axes[0], columns):
+            for model, group in table.groupby("model"):
+                group = group.sort_values("steps")
+                ax.plot(group["steps"], group[column], marker="o", label=model)
+            ax.set_xscale("log")
+            ax.set_xlabel("steps")
+            ax.set_title(column)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+        made.append(name)
+    if history:
+        curves = pd.DataFrame(history)
+        columns = [c for c in ("critic_loss", "generator_loss", "flow_matching_loss") if c in curves]
+        if columns:
+            fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
+            for ax, column in zip(axes[0], columns):
+                rows = curves.dropna(subset=[column])
+                ax.plot(rows["step"], rows[column])
+                ax.set_xlabel("step")
+                ax.set_title(column)
+            fig.tight_layout()
+            fig.savefig(out_dir / "training_curves.png", dpi=90)
+            plt.close(fig)
+            made.append("training_curves.png")
+    return made
+
+
+def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float = 0.02) -> tuple[pd.DataFrame, str]:
+    """Line reports up by (model, sampler, steps): each metric per report, its delta against the
+    first report, and a regression flag where a later report is worse by more than `tolerance`
+    (relative; for fractions in [0, 1], absolute)."""
+    tables = []
+    for path in reports:
+        path = Path(path)
+        table = pd.read_parquet(path / "report.parquet" if path.is_dir() else path)
+        tables.append(table)
+    metrics = [c for c in tables[0].columns if c in QUALITY or c in LOWER_IS_BETTER or c.startswith(("fd_", "clip"))]
+    rows, flags = [], []
+    for key, first in tables[0].set_index(KEY).iterrows():
+        for metric in metrics:
+            row = dict(zip(KEY, key), metric=metric)
+            for i, table in enumerate(tables):
+                match = table.set_index(KEY)
+                value = match.loc[key, metric] if key in match.index and metric in match else float("nan")
+                label = f"{table['checkpoint'].iloc[0]}"
+                row[label] = value
+                if i:
+                    delta = value - first[metric]
+                    row[f"delta {label}"] = delta
+                    worse = delta > 0 if metric in LOWER_IS_BETTER else delta < 0
+                    scale = 1.0 if metric in QUALITY else max(abs(first[metric]), 1e-12)
+                    if worse and abs(delta) / scale > tolerance:
+                        flags.append(f"{metric} of {key[0]} {key[1]} {key[2]}-step: {first[metric]:.4g} -> "
+                                     f"{value:.4g} in {label}")
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    md = "# Comparison\n\n" + _md_table(frame) + "\n## Regressions\n\n" + \
+        ("".join(f"- {f}\n" for f in flags) if flags else "None beyond the tolerance.\n")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(out_dir / "compare.parquet", index=False)
+        frame.to_csv(out_dir / "compare.csv", index=False)
+        (out_dir / "compare.md").write_text(md)
+        (out_dir / "regressions.json").write_text(json.dumps(flags, indent=2))
+    return frame, md

@@ -1,0 +1,111 @@
+"""Training throughput of any method: seconds per iteration by kind, samples/s, MFU, peak memory.
+
+Model FLOPs: one forward of the denoiser is counted once with torch's FlopCounterMode on a
+real training input; every denoiser call of a timed iteration then counts one forward, or
+three (forward + backward) when it runs with grad. Activation recomputation is not counted,
+as model-FLOPs utilisation requires. The peak is a bf16 (GPU) or fp32 (CPU) matrix product
+measured in the same process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def matmul_peak(device: torch.device, repeats: int = 10) -> float:
+    """Measured FLOP/s of a large matrix product: bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CallCounter:
+    """Counts denoiser calls of every role (with or without grad) and keeps the first input for FLOP counting."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.calls: list[bool] = []
+        self.example = None
+        self.hooks = [m.register_forward_hook(self._hook, with_kwargs=True) for m in modules]
+
+    def _hook(self, module, args, kwargs, output):
+        self.calls.append(torch.is_grad_enabled())
+        if self.example is None:
+            self.example = (module, {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def forward_flops(module: torch.nn.Module, kwargs: dict) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(**kwargs)
+    return counter.get_total_flops()
+
+
+def measure(trainer, iterations: int, warmup: int = 2) -> dict:
+    """Run `warmup` + `iterations` iterations of `trainer`; return throughput figures."""
+    device = trainer.device
+    modules = [h.modules[trainer.plugin.denoiser_key] for h in trainer.roles]
+    counter = CallCounter(modules)
+    rows = []
+    try:
+        for i in range(warmup + iterations):
+            counter.calls.clear()
+            if device.type == "cuda" and i == warmup:
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            values = trainer.train_iteration()
+            _sync(device)
+            if i >= warmup:
+                rows.append({"seconds": time.perf_counter() - start, "student_update": bool(values.get("updated_student", 1)),
+                             "calls_with_grad": sum(counter.calls), "calls_no_grad": len(counter.calls) - sum(counter.calls)})
+        module, kwargs = counter.example
+    finally:
+        counter.remove()
+    flops_per_forward = forward_flops(module, kwargs)
+    peak = matmul_peak(device)
+    for r in rows:
+        r["model_flops"] = flops_per_forward * (3 * r["calls_with_grad"] + r["calls_no_grad"])
+        r["mfu"] = r["model_flops"] / r["seconds"] / peak
+    samples = trainer.cfg.training.batch_size * trainer.cfg.training.gradient_accumulation_steps * trainer.dist.world_size
+    mean_seconds = statistics.fmean(r["seconds"] for r in rows)
+
+    def median(key, kind):
+        vals = [r[key] for r in rows if r["student_update"] == kind]
+        return statistics.median(vals) if vals else None
+
+    return {
+        "iterations": len(rows),
+        "student_update_seconds": median("seconds", True),
+        "critic_only_seconds": median("seconds", False),
+        "mean_seconds_per_iteration": mean_seconds,
+        "samples_per_second": samples / mean_seconds,
+        "seconds_per_sample": mean_seconds / samples,
+        "forward_flops": flops_per_forward,
+        "matmul_peak_flops": peak,
+        "mfu": sum(r["model_flops"] for r in rows) / sum(r["seconds"] for r in rows) / peak,
+        "student_update_mfu": median("mfu", True),
+        "critic_only_mfu": median("mfu", False),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "rows": rows,
+    }
