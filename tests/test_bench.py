@@ -1,0 +1,156 @@
+"""`distill bench` and `distill compare` on CPU checkpoints; the quality metrics on known inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from distill.bench import quality
+from distill.bench.report import compare
+from distill.cli import main as cli_main
+from distill.data.shapes import ShapesWorldConfig, caption, render, sample_spec, write_dataset
+from distill.training.trainer import Trainer
+from tiny import tiny_config
+
+SIZE = {"num_frames": 5, "height": 16, "width": 16}
+
+
+def test_frechet_distance_and_coverage_on_known_sets():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shifted = a + np.array([2.0, 0.0, 0.0])
+    assert quality.frechet_distance(a, shifted) == pytest.approx(4.0, abs=1e-6)  # |mu| difference squared
+    wide = a * 2.0
+    assert quality.frechet_distance(a, wide) == pytest.approx(3.0, rel=0.05)  # tr(S1 + 4 S1 - 2 * 2 S1) = tr(S1)
+    assert quality.coverage(a, a[:200]) > 0.8
+    assert quality.coverage(a, shifted + 10) == 0.0
+
+
+def shapes_videos(n, seed=0, **kw):
+    cfg = ShapesWorldConfig(num_frames=9, height=32, width=32, seed=seed, **kw)
+    specs = [sample_spec(cfg, i) for i in range(n)]
+    return [render(s, cfg) for s in specs], [caption(s) for s in specs]
+
+
+def test_quality_scores_follow_what_is_shown():
+    videos, captions = shapes_videos(24)
+    ids = list(range(12)) * 2
+    real = quality.real_feature_set(shapes_videos(40, seed=5)[0])
+    good = quality.score_videos(videos, captions, ids, real_features=real)
+    assert good["adherence_all"] == 1.0 and good["motion_consistency"] > 0.9 and good["sharpness"] > 0.8
+    assert good["coverage"] > 0.3
+    wrong = quality.score_videos(videos, captions[1:] + captions[:1], ids, real_features=real)
+    assert wrong["adherence_all"] < 0.5
+    noisy = [np.clip(v + np.random.default_rng(1).normal(0, 40, v.shape), 0, 255).astype(np.uint8) for v in videos]
+    assert quality.score_videos(noisy, captions, ids)["sharpness"] < good["sharpness"]
+    # The same video for every seed of a prompt has no diversity; different ones do.
+    same = [videos[i % 12] for i in range(24)]
+    assert quality.score_videos(same, captions[:12] * 2, ids)["diversity"] == 0.0
+    varied = quality.score_videos(videos, captions, list(range(24)))  # one per prompt: nothing to spread
+    assert varied["diversity"] == 0.0
+    blank = quality.score_videos([np.zeros((9, 32, 32, 3), np.uint8)] * 4, captions[:4], [0, 0, 1, 1], real_features=real)
+    assert blank["adherence_all"] == 0.0 and blank["coverage"] < good["coverage"]
+    assert blank["fd_oracle"] > good["fd_oracle"]
+
+
+def tiny_clip(folder):
+    """A random-weight CLIP saved as a local folder, as a user's weights path would hold one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    # The byte-level alphabet of BPE tokenizers: printable bytes as themselves, the rest shifted past 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_clip_plugin_from_a_local_weights_path(tmp_path):
+    metric = quality.load_metric(f"clip={tiny_clip(tmp_path / 'clip')}")
+    videos, captions = shapes_videos(6)
+    feats = metric.features(videos)
+    assert feats.shape == (6, 8) and np.isfinite(feats).all()
+    scores = quality.score_videos(videos, captions, list(range(6)), real_videos=shapes_videos(6, seed=3)[0],
+                                  metrics=[metric])
+    assert np.isfinite(scores["fd_clip"]) and scores["fd_clip"] >= 0 and 0 <= scores["clip_score"] <= 100
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        quality.load_metric("inception")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny DMD2 run on a shapes data set, with checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("bench")
+    write_dataset(tmp / "shapes", 24, ShapesWorldConfig(**SIZE, seed=0))
+    cfg = tiny_config(tmp / "run", data={**SIZE, "videos": str(tmp / "shapes"), "shards": str(tmp / "shards")},
+                      training={"max_steps": 4, "checkpoint_every": 2},
+                      method_config={"generator_update_interval": 1})
+    from distill.data.preprocess import preprocess
+
+    preprocess(cfg, progress=False)
+    Trainer(cfg).train()
+    return tmp / "run"
+
+
+def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
+    args = ["--prompts", "3", "--seeds", "2", "--teacher-steps", "6", "--real-videos", "12"]
+    for step in ("step-000002", "step-000004"):
+        assert cli_main(["bench", str(checkpoints / "checkpoints" / step), *args, "--training-iterations", "3"]) == 0
+    report = checkpoints / "bench" / "step-000004"
+    table = pd.read_parquet(report / "report.parquet")
+    assert list(zip(table.model, table.sampler, table.steps)) == [("student", "sde", 4), ("teacher", "ode", 6),
+                                                                    ("teacher", "ode", 4)]
+    assert list(table.nfe) == [4, 12, 8]  # the teacher samples with CFG: two passes a step
+    assert (table.latency_s > 0).all() and (table.latency_s >= table.denoise_s).all()
+    for column in ("adherence_all", "motion_consistency", "sharpness", "diversity", "coverage", "fd_oracle"):
+        assert table[column].notna().all(), column
+    assert pd.read_csv(report / "report.csv").shape == table.shape
+    md = (report / "report.md").read_text()
+    assert "Speed-up of student (4 steps) over teacher (6 steps" in md and "CPU" in md and "torch" in md
+    for png in ("quality_vs_steps.png", "latency_vs_steps.png", "training_curves.png"):
+        assert (report / png).stat().st_size > 1000
+    training = json.loads((report / "training.json").read_text())
+    assert training["iterations"] == 3 and 0 < training["mfu"] < 1 and training["forward_flops"] > 0
+    assert (report / "videos" / "student-sde-4" / "contact.png").exists()
+    capsys.readouterr()
+
+    out = tmp_path / "compare"
+    assert cli_main(["compare", str(checkpoints / "bench" / "step-000002"), str(report), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "# Comparison" in printed and "delta step-000004" in printed
+    frame = pd.read_parquet(out / "compare.parquet")
+    assert {"step-000002", "step-000004", "delta step-000004"} <= set(frame.columns)
+    assert set(frame.metric) >= {"latency_s", "adherence_all", "fd_oracle"}
+
+
+def test_compare_flags_regressions(tmp_path):
+    base = {"checkpoint": "a", "model": "student", "sampler": "sde", "steps": 4, "adherence_all": 0.9,
+            "latency_s": 1.0, "fd_oracle": 1.0, "diversity": 0.2}
+    worse = {**base, "checkpoint": "b", "adherence_all": 0.7, "latency_s": 1.5, "fd_oracle": 0.5}
+    for name, row in (("a", base), ("b", worse)):
+        (tmp_path / name).mkdir()
+        pd.DataFrame([row]).to_parquet(tmp_path / name / "report.parquet")
+    frame, md = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    flags = json.loads((tmp_path / "out" / "regressions.json").read_text())
+    assert any(f.startswith("adherence_all") for f in flags) and any(f.startswith("latency_s") for f in flags)
+    assert not any(f.startswith("fd_oracle") for f in flags)  # lower is better: an improvement
+    assert not any(f.startswith("diversity") for f in flags)
