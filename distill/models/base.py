@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.config import Config, ConfigError
 from distill.roles import RoleHandle, RoleManager
+from distill.training.checkpoint import resolve_export
 
 
 class ModelPlugin(ABC):
@@ -56,7 +57,8 @@ class ModelPlugin(ABC):
                 modules[name] = self.new_denoiser()
             elif source in roles:
                 modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
-            else:
+            else:  # a checkpoint (or a run's checkpoints/latest) means its exported transformer
+                source = resolve_export(source, self.cfg.storage) or source
                 modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
         handles = {}
         for name, role in roles.items():

@@ -40,6 +40,19 @@ PRESETS: dict[str, dict] = {
             latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
         ),
     ),
+    # CPU demos: 4x4 patches keep the token count low (5 x 8 x 8 at 5 x 32 x 32), so a 0.3M-parameter
+    # model trains in minutes on two cores.
+    "small": dict(
+        transformer=dict(
+            patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32,
+            ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        text_encoder=_TINY_TEXT,
+        vae=dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
+    ),
     # The Wan2.1-T2V-1.3B architecture (random weights): 30 blocks, 12 heads of 128, UMT5-XXL text, Wan 2.1 VAE.
     "wan2.1-1.3b": dict(
         transformer=dict(

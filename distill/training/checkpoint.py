@@ -226,3 +226,27 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def resolve_export(path: str, storage=None) -> str | None:
+    """The exported transformer folder of a checkpoint (`.../checkpoints/step-000500`) or of a run's
+    newest one (`.../checkpoints/latest`), local or s3:// (downloaded); None for any other path."""
+    import tempfile
+
+    from distill.storage import open_store
+
+    path = path.rstrip("/")
+    if path.endswith("/latest"):
+        root = path[: -len("/latest")]
+        store = open_store(root, storage)
+        if not store.exists("latest"):
+            raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
+        path = f"{root}/{store.get_text('latest').strip()}"
+    store = open_store(path, storage)
+    if not store.exists(MANIFEST):
+        return None
+    if store.is_local:
+        return str(Path(store.root) / "export" / "transformer")
+    local = Path(tempfile.mkdtemp(prefix="distill-export-")) / "transformer"
+    store.download_folder("export/transformer", local)
+    return str(local)

@@ -1,0 +1,206 @@
+"""Prefect tasks over the distill library. Thin: check inputs, call distill, move artifacts.
+
+GPU-heavy work runs in subprocesses (the deepspeed launcher) or in the task's process; storage
+reads retry with explicit delays; preprocessing is cached on its inputs (the data, the
+model section, and whether the shards it made are still there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from distill.config import Config, ConfigError, load_config, to_dict
+from distill.storage import open_store
+
+STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
+
+
+@task(name="check-config")
+def check_config(config: str, overrides: list[str]) -> dict:
+    """Load and check the run config: a bad config fails here, before any data or training work."""
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        get_run_logger().error(f"config error: {err}")
+        raise
+    return to_dict(cfg)
+
+
+def _data_fingerprint(context, parameters: dict) -> str | None:
+    """Cache key of preprocessing: data + model sections, the captions table's bytes, and whether
+    the shards' manifest still exists (a deleted output is never served from cache)."""
+    cfg = load_config(parameters["config"], parameters["overrides"])
+    d = cfg.data
+    h = hashlib.sha256(json.dumps([to_dict(cfg.model), to_dict(d)], sort_keys=True).encode())
+    if d.videos:
+        table = Path(d.videos) / d.captions_file
+        h.update(table.read_bytes() if table.is_file() else b"missing")
+    store = open_store(d.shards, cfg.storage)
+    h.update(b"published" if store.exists("MANIFEST.json") else b"absent")
+    return h.hexdigest()
+
+
+@task(name="preprocess", cache_key_fn=_data_fingerprint, persist_result=True)
+def preprocess(config: str, overrides: list[str]) -> str:
+    from distill.data.preprocess import preprocess as run_preprocess
+
+    cfg = load_config(config, overrides)
+    manifest = run_preprocess(cfg, progress=False)
+    get_run_logger().info(f"shards ready: {manifest}")
+    return manifest
+
+
+@task(name="make-shapes-dataset", cache_key_fn=lambda ctx, p: json.dumps(
+    [p, Path(p["out"], "captions.csv").is_file()], sort_keys=True), persist_result=True)
+def make_shapes(out: str, count: int, num_frames: int, height: int, width: int, seed: int) -> str:
+    from distill.data.shapes import ShapesWorldConfig, write_dataset
+
+    write_dataset(out, count, ShapesWorldConfig(num_frames=num_frames, height=height, width=width, seed=seed))
+    return out
+
+
+def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: bool) -> list[str]:
+    """The deepspeed launcher over the `distill` console script, one rank per GPU (one on CPU)."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    distill = shutil.which("distill", path=os.path.dirname(sys.executable)) or "distill"
+    cmd = [launcher, "--num_gpus", str(max(1, num_gpus)), distill, "train", config]
+    for item in overrides:
+        cmd += ["--set", item]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def _checkpoints(store, cfg: Config) -> list[str]:
+    return [f"{cfg.run.output.rstrip('/')}/checkpoints/{c}"
+            for c in sorted(k.split("/")[1] for k in store.list("checkpoints") if k.endswith("/MANIFEST.json"))]
+
+
+@task(name="train")
+def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | None = False) -> dict:
+    """Run training under the deepspeed launcher; stream its log; publish each validation as an artifact.
+
+    A run that already finished with this very config is not trained again. `resume`: True continues
+    from the newest checkpoint, False refuses an output that holds checkpoints, None (automation)
+    resumes when there is one.
+    """
+    logger = get_run_logger()
+    cfg = load_config(config, overrides)
+    store = open_store(cfg.run.output, cfg.storage)
+    latest = store.get_text("checkpoints/latest").strip() if store.exists("checkpoints/latest") else None
+    if latest == f"step-{cfg.training.max_steps:06d}":
+        saved = yaml.safe_load(store.get_text(f"checkpoints/{latest}/config.yaml"))
+        if saved == to_dict(cfg):
+            logger.info(f"{cfg.run.output} finished with this config already ({latest}); not training again")
+            return {"output": cfg.run.output, "checkpoints": _checkpoints(store, cfg)}
+    if resume is None:
+        resume = latest is not None
+    cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume)
+    logger.info("launching: " + " ".join(cmd))
+    published: set[str] = set()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    last_check = 0.0
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line and "\r" not in line:
+            logger.info(line)
+        if time.time() - last_check > 5:
+            publish_validations(cfg, store, published)
+            last_check = time.time()
+    code = proc.wait()
+    publish_validations(cfg, store, published)
+    if code != 0:
+        raise RuntimeError(f"training exited with code {code}; the newest complete checkpoint stays resumable "
+                           f"(run again with resume=True)")
+    return {"output": cfg.run.output, "checkpoints": _checkpoints(store, cfg)}
+
+
+def publish_validations(cfg: Config, store, published: set[str]) -> None:
+    """One markdown artifact per new validation folder (meta.json is its last file), plus the metrics so far."""
+    for key in store.list("validation"):
+        if not key.endswith("meta.json") or key in published:
+            continue
+        published.add(key)
+        meta = json.loads(store.get_text(key))
+        folder = store.key_uri(key.rsplit("/", 1)[0])
+        step = key.split("/")[1]
+        rows = [json.loads(line) for line in store.get_text("metrics.jsonl").splitlines() if line.strip()] \
+            if store.exists("metrics.jsonl") else []
+        latest = rows[-1] if rows else {}
+        create_markdown_artifact(
+            key=_artifact_key(f"{cfg.run.name}-validation"),
+            description=f"{cfg.run.name} validation at {step}",
+            markdown="\n".join([
+                f"# {cfg.run.name}: validation at {step}", "",
+                f"Contact sheet: `{folder}/contact.png`", "",
+                f"Sampler {meta['sampler_kind']}, timesteps {meta['timesteps']}, guidance {meta['guidance_scale']}, "
+                f"{meta['function_evaluations_per_video']} evaluations per video, "
+                f"{sum(meta['seconds_per_video']) / len(meta['seconds_per_video']):.3f} s per video.", "",
+                "| prompt | seed | video |", "|---|---|---|",
+                *[f"| {p} | {s} | `{folder}/{v}` |" for (p, s), v in
+                  zip([(p, s) for p in meta["prompts"] for s in meta["seeds"]], meta["videos"])],
+                "", "Latest metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in latest.items()
+                                                   if isinstance(v, float)),
+            ]),
+        )
+        if rows:
+            keys = [k for k in ("step", "critic_loss", "generator_loss", "flow_matching_loss") if k in rows[-1]]
+            create_table_artifact(key=_artifact_key(f"{cfg.run.name}-metrics"),
+                                  table=[{k: r.get(k) for k in keys} for r in rows[-50:]],
+                                  description=f"{cfg.run.name} metrics up to {step}")
+
+
+def _artifact_key(text: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+@task(name="bench-checkpoint", **STORAGE_RETRIES)
+def bench(checkpoint: str, prompts: int, seeds: int, teacher_steps: int, training_iterations: int,
+          storage: dict | None = None) -> str:
+    from distill.bench.inference import BenchSpec
+    from distill.bench.run import bench_checkpoint
+    from distill.config import StorageConfig
+
+    spec = BenchSpec(prompts=prompts, seeds=seeds, teacher_steps=teacher_steps)
+    report = bench_checkpoint(checkpoint, spec, storage=StorageConfig(**(storage or {})),
+                              training_iterations=training_iterations)
+    store, name = open_store(report.rsplit("/", 1)[0], StorageConfig(**(storage or {}))), checkpoint.rstrip("/").split("/")[-1]
+    create_markdown_artifact(key=_artifact_key(f"bench-{name}"), markdown=store.get_text("report.md"),
+                             description=f"benchmark of {checkpoint}")
+    return report.rsplit("/", 1)[0]
+
+
+@task(name="compare-reports", **STORAGE_RETRIES)
+def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
+    """Side by side, with deltas and regressions; reports may live in any store."""
+    import tempfile
+
+    from distill.bench.report import compare as compare_reports
+    from distill.config import StorageConfig
+
+    cfg = StorageConfig(**(storage or {}))
+    local = []
+    for report in reports:
+        store = open_store(report, cfg)
+        path = Path(tempfile.mkdtemp(prefix="distill-report-")) / "report.parquet"
+        local.append(store.get_file("report.parquet", path).parent)
+    out_store = open_store(out, cfg)
+    work = Path(out_store.root) if out_store.is_local else Path(tempfile.mkdtemp(prefix="distill-compare-"))
+    _, markdown = compare_reports(local, work)
+    if not out_store.is_local:
+        out_store.upload_folder(work, "", last="compare.md")
+    create_markdown_artifact(key="comparison", markdown=markdown, description="checkpoints side by side")
+    return out_store.key_uri("compare.md")

@@ -1,0 +1,109 @@
+"""The Prefect flows under Prefect's test harness (a temporary local server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from distill.config import ConfigError
+from tiny import tiny_raw
+
+SIZE = {"num_frames": 5, "height": 16, "width": 16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def artifacts(key: str) -> list:
+    async def read():
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    return asyncio.run(read())
+
+
+def tiny_pipeline(tmp: Path) -> str:
+    data = {**SIZE, "videos": str(tmp / "shapes"), "shards": str(tmp / "shards"), "shard_size": 8}
+    teacher = tiny_raw(tmp / "teacher", method="flow_matching", data=data,
+                       training={"max_steps": 4, "checkpoint_every": 2},
+                       validation={"every": 2, "seeds": [0], "prompts": ["a red circle moving left"]})
+    teacher["roles"] = {"teacher": {"trainable": True}}
+    teacher["method_config"]["role"] = "teacher"
+    teacher["run"]["name"] = "flow-teacher"
+    student = tiny_raw(tmp / "student", data=data, training={"max_steps": 4, "checkpoint_every": 2},
+                       validation={"every": 4, "seeds": [0], "prompts": ["a red circle moving left"]},
+                       method_config={"generator_update_interval": 2})
+    student["roles"]["teacher"]["init_from"] = str(tmp / "teacher" / "checkpoints" / "latest")
+    student["run"]["name"] = "flow-student"
+    spec = {"shapes": {"out": str(tmp / "shapes"), "count": 12, **SIZE},
+            "teacher": {"config": write(tmp / "teacher.yaml", teacher)},
+            "student": {"config": write(tmp / "student.yaml", student)},
+            "bench": {"prompts": 2, "seeds": 2, "teacher_steps": 4, "training_iterations": 2}}
+    return write(tmp / "pipeline.yaml", spec)
+
+
+def test_pipeline_runs_end_to_end_then_reuses_its_work(tmp_path):
+    from flows.pipeline import pipeline
+
+    spec = tiny_pipeline(tmp_path)
+    report = pipeline(spec)
+    assert report == str(tmp_path / "student" / "bench" / "compare" / "compare.md")
+    assert "# Comparison" in Path(report).read_text()
+    for step in ("step-000002", "step-000004"):
+        assert (tmp_path / "student" / "bench" / step / "report.parquet").exists()
+    assert (tmp_path / "teacher" / "checkpoints" / "latest").read_text() == "step-000004"
+    # Artifacts: validation sheets and metrics of both runs, a report per checkpoint, the comparison.
+    assert artifacts("flow-teacher-validation") and artifacts("flow-student-validation")
+    assert artifacts("flow-student-metrics")
+    assert artifacts("bench-step-000004") and artifacts("comparison")
+    markdown = artifacts("flow-teacher-validation")[0].data
+    assert "contact.png" in markdown and "Sampler ode" in markdown
+
+    # Same data, same configs: preprocessing is served from cache, finished runs are not trained again.
+    state = pipeline(spec, return_state=True)
+    assert state.is_completed()
+    checkpoints = sorted(p.name for p in (tmp_path / "student" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert checkpoints == ["step-000002", "step-000004"]
+
+
+def test_a_bad_config_fails_in_the_first_task_before_any_work(tmp_path):
+    from flows.train import train_flow
+
+    raw = tiny_raw(tmp_path / "run", method_config={"min_timestep_ratio": 0.9, "max_timestep_ratio": 0.1})
+    state = train_flow(write(tmp_path / "bad.yaml", raw), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="method_config.min_timestep_ratio"):
+        state.result()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_training_keeps_the_last_checkpoint_for_resume(tmp_path):
+    from flows.train import train_flow
+
+    raw = tiny_raw(tmp_path / "run", training={"max_steps": 4, "checkpoint_every": 2})
+    config = write(tmp_path / "run.yaml", raw)
+    assert train_flow(config)["checkpoints"][-1].endswith("step-000004")
+    # Training again over the same output without resume is refused by the trainer: the task fails.
+    raw["training"]["max_steps"] = 6
+    write(tmp_path / "run.yaml", raw)
+    assert train_flow(config, return_state=True).is_failed()
+    result = train_flow(config, resume=True)
+    assert result["checkpoints"][-1].endswith("step-000006")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
