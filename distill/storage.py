@@ -69,7 +69,8 @@ class ArtifactStore(ABC):
         files.sort(key=lambda p: p.name == last)  # stable: the manifest moves to the end
         keys = []
         for path in files:
-            key = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+            rel = path.relative_to(local_dir).as_posix()
+            key = f"{prefix.rstrip('/')}/{rel}" if prefix else rel
             self.put_file(path, key)
             keys.append(key)
         return keys

@@ -40,6 +40,8 @@ def test_round_trip_listing_and_delete(tmp_path, s3, kind):
     keys = store.upload_folder(folder, "pub", last="MANIFEST.json")
     assert keys[-1] == "pub/MANIFEST.json" and set(keys) == {"pub/sub/x.pt", "pub/MANIFEST.json"}
     store.download_folder("pub", tmp_path / "down")
+    assert store.upload_folder(folder / "sub", "") == ["x.pt"] and store.get_bytes("x.pt") == b"1"  # into the root
+    store.delete("x.pt")
     assert (tmp_path / "down" / "sub" / "x.pt").read_bytes() == b"1"
 
     store.delete("a")

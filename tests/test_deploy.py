@@ -1,0 +1,212 @@
+"""A real Prefect server and process worker on loopback, deployments from deploy/prefect.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s3_server import free_port
+from tiny import tiny_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SIZE = {"num_frames": 5, "height": 16, "width": 16}
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free port, with its own home (database); stopped at the end."""
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_LOGGING_LEVEL="WARNING")
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env={**env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).read() == b"true"
+        except OSError:
+            return False
+
+    wait_for(healthy, 120, "the Prefect server")
+    yield env
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def prefect(env: dict, *args: str) -> str:
+    proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def worker(server, tmp_path_factory, s3_server):
+    """Deployments from deploy/prefect.yaml and a process worker; storage credentials in its environment."""
+    prefect(server, "work-pool", "create", "distill-process", "--type", "process")
+    prefect(server, "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "pipeline", "--name", "train")
+    logs = tmp_path_factory.mktemp("worker")
+    env = {**server, "DISTILL_HOME": str(ROOT), "OMP_NUM_THREADS": "1", "AWS_ACCESS_KEY_ID": s3_server.key_id,
+           "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_DEFAULT_REGION": "us-east-1"}
+    log = open(logs / "worker.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "distill-process"], env=env, cwd=logs,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    yield server, logs / "worker.log"
+    os.killpg(proc.pid, signal.SIGTERM)  # a worker ignores a lone SIGTERM while it runs: follow with SIGINT
+    time.sleep(3)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run(env: dict, deployment: str, parameters: dict) -> str:
+    args = ["deployment", "run", deployment]
+    for key, value in parameters.items():
+        args += ["--param", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    out = prefect(env, *args)
+    return next(line.split("UUID:", 1)[1].strip() for line in out.splitlines() if "UUID:" in line)
+
+
+def flow_run(env: dict, run_id: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}") as r:
+        return json.loads(r.read())
+
+
+def task_names(runs: list[dict]) -> list[str]:
+    """Task names without the run suffix Prefect adds (train-3e4 -> train)."""
+    return [t["name"].rsplit("-", 1)[0] for t in runs]
+
+
+def task_runs(env: dict, run_id: str) -> list[dict]:
+    import urllib.request
+
+    body = json.dumps({"flow_runs": {"id": {"any_": [run_id]}}}).encode()
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/task_runs/filter", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read())
+
+
+def finished(env: dict, run_id: str, timeout: float = 600) -> dict:
+    terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    return wait_for(lambda: (lambda fr: fr if fr["state_type"] in terminal else None)(flow_run(env, run_id)),
+                    timeout, f"flow run {run_id}", every=2)
+
+
+def write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_deployed_pipeline_completes_with_artifacts_in_s3(worker, s3_server, tmp_path):
+    env, log = worker
+    bucket = f"s3://{s3_server.bucket}/deploy-{os.getpid()}"
+    storage = {"endpoint_url": s3_server.endpoint, "retries": 2, "backoff_seconds": 0.1}
+    data = {**SIZE, "videos": str(tmp_path / "shapes"), "shards": f"{bucket}/shards", "shard_size": 8}
+    teacher = tiny_raw(f"{bucket}/teacher", method="flow_matching", data=data, storage=storage,
+                       training={"max_steps": 4, "checkpoint_every": 4},
+                       validation={"every": 4, "seeds": [0], "prompts": ["a red circle moving left"]})
+    teacher["roles"] = {"teacher": {"trainable": True}}
+    teacher["method_config"]["role"] = "teacher"
+    student = tiny_raw(f"{bucket}/student", data=data, storage=storage,
+                       training={"max_steps": 4, "checkpoint_every": 2}, method_config={"generator_update_interval": 2})
+    student["roles"]["teacher"]["init_from"] = f"{bucket}/teacher/checkpoints/latest"
+    spec = write(tmp_path / "pipeline.yaml", {
+        "shapes": {"out": str(tmp_path / "shapes"), "count": 10, **SIZE},
+        "teacher": {"config": write(tmp_path / "teacher.yaml", teacher)},
+        "student": {"config": write(tmp_path / "student.yaml", student)},
+        "bench": {"prompts": 2, "seeds": 1, "teacher_steps": 3, "training_iterations": 0}})
+
+    run_id = run(env, "pipeline/pipeline", {"spec": spec})
+    state = finished(env, run_id)
+    assert state["state_type"] == "COMPLETED", log.read_text()[-4000:]
+    params = json.dumps(state["parameters"])
+    assert s3_server.secret not in params and s3_server.key_id not in params  # credentials never parameters
+
+    client = s3_server.client()
+    prefix = bucket.split("/", 3)[3]
+    keys = {o["Key"][len(prefix) + 1 :] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3_server.bucket, Prefix=prefix) for o in page.get("Contents", [])}
+    for key in ("shards/MANIFEST.json", "teacher/checkpoints/latest", "teacher/validation/step-000004/contact.png",
+                "student/checkpoints/step-000002/MANIFEST.json", "student/checkpoints/step-000004/MANIFEST.json",
+                "student/bench/step-000004/report.parquet", "student/bench/step-000004/report.md",
+                "student/bench/compare/compare.md", "student/metrics.jsonl"):
+        assert key in keys, key
+    names = task_names(task_runs(env, run_id))
+    assert names.count("train") == 2 and names.count("bench-checkpoint") == 2 and "compare-reports" in names
+
+
+def test_deployed_train_with_a_bad_config_fails_in_its_first_task(worker, tmp_path):
+    env, _ = worker
+    config = write(tmp_path / "bad.yaml", tiny_raw(tmp_path / "run", training={"learning_rate": -1.0}))
+    run_id = run(env, "train/train", {"config": config})
+    assert finished(env, run_id)["state_type"] == "FAILED"
+    tasks = task_runs(env, run_id)
+    assert task_names(tasks) == ["check-config"] and tasks[0]["state_type"] == "FAILED"
+    assert not (tmp_path / "run").exists()
+
+
+def flow_run_processes(run_id: str) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_job_killed_mid_run_is_crashed_and_resumes_from_its_checkpoint(worker, tmp_path):
+    env, _ = worker
+    out = tmp_path / "run"
+    raw = tiny_raw(out, training={"max_steps": 400, "checkpoint_every": 10, "log_every": 10},
+                   data={"num_frames": 3, "height": 16, "width": 16})
+    config = write(tmp_path / "run.yaml", raw)
+    run_id = run(env, "train/train", {"config": config})
+    wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "a first checkpoint")
+    for pid in flow_run_processes(run_id):  # the job and everything it started
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["pkill", "-9", "-f", str(config)], check=False)  # the launcher's training ranks
+    assert finished(env, run_id, timeout=120)["state_type"] == "CRASHED"
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / latest / "MANIFEST.json").exists()
+
+    raw["training"]["max_steps"] = int(latest.split("-")[1]) + 10
+    write(tmp_path / "run.yaml", raw)
+    resumed = run(env, "train/train", {"config": config, "resume": True})
+    assert finished(env, resumed)["state_type"] == "COMPLETED"
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{raw['training']['max_steps']:06d}"
