@@ -5,8 +5,9 @@
 #
 # As a Prefect `docker` work pool's image, the worker runs `prefect flow-run execute` in it
 # (no ENTRYPOINT, so the worker's command runs as given); the flows are installed as the
-# `flows` package and their source sits in the working directory /opt/distill, so deployment
-# entrypoints may be either `flows/<file>.py:<flow>` or `flows.<module>.<flow>`.
+# `flows` package and their source sits in the working directory /opt/distill ($DISTILL_HOME,
+# writable by the image's user for runs/), so deployment entrypoints may be either
+# `flows/<file>.py:<flow>` or `flows.<module>.<flow>`.
 #
 # Build arguments:
 #   BASE_IMAGE       a CUDA image with apt (Debian/Ubuntu). If it already holds a virtualenv at
@@ -52,6 +53,8 @@ RUN pip install "pip>=23.1" "setuptools>=77" \
     && DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19,<0.20"
 
 WORKDIR /opt/distill
+# deploy/prefect.yaml's pull step changes into $DISTILL_HOME: here, the project in the image.
+ENV DISTILL_HOME=/opt/distill
 
 # The project's dependencies from pyproject.toml alone: installing the project with no source
 # and a blank README pulls them in, then the empty project is removed. A code or README edit
