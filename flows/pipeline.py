@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger
 
 from distill.config import build_section, load_config
 from distill.storage import open_store
-from flows.tasks import bench, check_config, compare, make_shapes, preprocess, train
+from flows.tasks import bench, cached, check_config, compare, make_shapes, preprocess, shards_missing, train
 
 
 @dataclass(kw_only=True)
@@ -92,12 +93,13 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
         check_config(stage.config, stage.overrides)
     if p.shapes is not None:  # 2. data
         s = p.shapes
-        make_shapes(s.out, s.count, s.num_frames, s.height, s.width, s.seed)
+        missing = not Path(s.out, "captions.csv").is_file()
+        cached(make_shapes, missing)(s.out, s.count, s.num_frames, s.height, s.width, s.seed)
     base = load_config(p.student.config, p.student.overrides)
     if p.retrain:
         p.student.overrides = [*p.student.overrides, *retrain_overrides(base)]
     for stage in stages:  # 3. preprocess and train, the teacher first
-        preprocess(stage.config, stage.overrides)
+        cached(preprocess, shards_missing(stage.config, stage.overrides))(stage.config, stage.overrides)
         train(stage.config, stage.overrides, p.num_gpus, resume=None)  # a crashed earlier attempt resumes
     student = load_config(p.student.config, p.student.overrides)
     storage = {k: v for k, v in vars(student.storage).items() if v is not None}

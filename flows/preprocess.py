@@ -6,14 +6,14 @@ import sys
 
 from prefect import flow
 
-from flows.tasks import check_config, preprocess
+from flows.tasks import cached, check_config, preprocess, shards_missing
 
 
 @flow(name="preprocess")
 def preprocess_flow(config: str, overrides: list[str] | None = None) -> str:
     overrides = overrides or []
     check_config(config, overrides)
-    return preprocess(config, overrides)
+    return cached(preprocess, shards_missing(config, overrides))(config, overrides)
 
 
 if __name__ == "__main__":

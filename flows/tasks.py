@@ -25,6 +25,13 @@ from distill.storage import open_store
 
 STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 
+# Cached tasks are keyed on their inputs; a caller passes refresh_cache=True (see `cached`) when the
+# output they made is gone, so a deleted output is made again rather than served from cache.
+
+
+def cached(task_, output_missing: bool):
+    return task_.with_options(refresh_cache=True) if output_missing else task_
+
 
 @task(name="check-config")
 def check_config(config: str, overrides: list[str]) -> dict:
@@ -37,18 +44,20 @@ def check_config(config: str, overrides: list[str]) -> dict:
     return to_dict(cfg)
 
 
-def _data_fingerprint(context, parameters: dict) -> str | None:
-    """Cache key of preprocessing: data + model sections, the captions table's bytes, and whether
-    the shards' manifest still exists (a deleted output is never served from cache)."""
+def _data_fingerprint(context, parameters: dict) -> str:
+    """Cache key of preprocessing: the data and model sections and the captions table's bytes."""
     cfg = load_config(parameters["config"], parameters["overrides"])
     d = cfg.data
     h = hashlib.sha256(json.dumps([to_dict(cfg.model), to_dict(d)], sort_keys=True).encode())
     if d.videos:
         table = Path(d.videos) / d.captions_file
         h.update(table.read_bytes() if table.is_file() else b"missing")
-    store = open_store(d.shards, cfg.storage)
-    h.update(b"published" if store.exists("MANIFEST.json") else b"absent")
     return h.hexdigest()
+
+
+def shards_missing(config: str, overrides: list[str]) -> bool:
+    cfg = load_config(config, overrides)
+    return not open_store(cfg.data.shards, cfg.storage).exists("MANIFEST.json")
 
 
 @task(name="preprocess", cache_key_fn=_data_fingerprint, persist_result=True)
@@ -61,8 +70,7 @@ def preprocess(config: str, overrides: list[str]) -> str:
     return manifest
 
 
-@task(name="make-shapes-dataset", cache_key_fn=lambda ctx, p: json.dumps(
-    [p, Path(p["out"], "captions.csv").is_file()], sort_keys=True), persist_result=True)
+@task(name="make-shapes-dataset", cache_key_fn=lambda ctx, p: json.dumps(p, sort_keys=True), persist_result=True)
 def make_shapes(out: str, count: int, num_frames: int, height: int, width: int, seed: int) -> str:
     from distill.data.shapes import ShapesWorldConfig, write_dataset
 

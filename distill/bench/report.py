@@ -112,10 +112,12 @@ def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None) -> li
     return made
 
 
-def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float = 0.02) -> tuple[pd.DataFrame, str]:
+def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float = 0.02,
+            latency_tolerance: float = 0.10) -> tuple[pd.DataFrame, str]:
     """Line reports up by (model, sampler, steps): each metric per report, its delta against the
     first report, and a regression flag where a later report is worse by more than `tolerance`
-    (relative; for fractions in [0, 1], absolute)."""
+    (absolute for fractions in [0, 1], else relative), or, for latencies, `latency_tolerance`
+    (relative: timings move by a few percent from run to run)."""
     tables = []
     for path in reports:
         path = Path(path)
@@ -136,7 +138,8 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
                     row[f"delta {label}"] = delta
                     worse = delta > 0 if metric in LOWER_IS_BETTER else delta < 0
                     scale = 1.0 if metric in QUALITY else max(abs(first[metric]), 1e-12)
-                    if worse and abs(delta) / scale > tolerance:
+                    limit = latency_tolerance if metric.endswith("_s") else tolerance
+                    if worse and abs(delta) / scale > limit:
                         flags.append(f"{metric} of {key[0]} {key[1]} {key[2]}-step: {first[metric]:.4g} -> "
                                      f"{value:.4g} in {label}")
             rows.append(row)
