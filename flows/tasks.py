@@ -82,7 +82,9 @@ def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: b
     """The deepspeed launcher over the `distill` console script, one rank per GPU (one on CPU)."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     distill = shutil.which("distill", path=os.path.dirname(sys.executable)) or "distill"
-    cmd = [launcher, "--num_gpus", str(max(1, num_gpus)), distill, "train", config]
+    from distill.training.distributed import free_port
+
+    cmd = [launcher, "--num_gpus", str(max(1, num_gpus)), "--master_port", str(free_port()), distill, "train", config]
     for item in overrides:
         cmd += ["--set", item]
     if resume:
@@ -117,8 +119,11 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume)
     logger.info("launching: " + " ".join(cmd))
     published: set[str] = set()
+    # The launcher sets each rank's RANK / MASTER_* itself; none leak in from this process.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**env, "PYTHONUNBUFFERED": "1"})
     last_check = 0.0
     for line in proc.stdout:
         line = line.rstrip()

@@ -37,7 +37,10 @@ def run_config(tmp_path: Path, output: str, endpoint: str | None = None) -> Path
 
 
 def distill(*args: str, wait: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A fresh process group: not the one an in-process trainer of an earlier test left in os.environ.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "distill.cli", *args]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
