@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--metric", action="append", default=[], metavar="NAME=PATH",
                        help="plug-in metric with local weights, e.g. clip=/models/clip (repeatable)")
     bench.add_argument("--training-iterations", type=int, default=0, help="also measure training throughput")
+    bench.add_argument("--video-format", choices=["mp4", "gif"], default="mp4")
     bench.add_argument("--endpoint-url", default=None)
     compare = sub.add_parser("compare", help="put benchmark reports side by side, with deltas and regressions")
     compare.add_argument("reports", nargs="+", help="report folders (or report.parquet files), oldest first")
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             from distill.config import StorageConfig
 
             spec = BenchSpec(prompts=args.prompts, seeds=args.seeds, teacher_steps=args.teacher_steps,
-                             teacher_guidance=args.teacher_guidance, real_videos=args.real_videos, metrics=args.metric)
+                             teacher_guidance=args.teacher_guidance, real_videos=args.real_videos, metrics=args.metric,
+                             video_format=args.video_format)
             report = bench_checkpoint(args.checkpoint, spec, out=args.out, storage=StorageConfig(endpoint_url=args.endpoint_url),
                                       training_iterations=args.training_iterations)
             print(f"report: {report}")

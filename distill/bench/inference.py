@@ -45,6 +45,8 @@ class BenchSpec:
     metrics: list[str] = field(default_factory=list)
     """Plug-in metrics, NAME=PATH (e.g. clip=/models/clip)."""
     seed: int = 0
+    video_format: str = "mp4"
+    """Format of the sampled videos written beside the report (gif needs no ffmpeg)."""
 
 
 def load_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[Config, dict, object]:
@@ -57,29 +59,43 @@ def load_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[Con
     return cfg, json.loads(store.get_text(MANIFEST)), store
 
 
-def bench_prompts(cfg: Config, n: int, seed: int) -> tuple[list[str], list[Path]]:
-    """Captions to sample, and the real videos of the data set (empty without data.videos)."""
+def bench_data(cfg: Config, n_prompts: int, n_real: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
+    """Captions to sample (seeded draw) and real videos, (F, H, W, 3) uint8, at the run's size.
+
+    Pixel shards give both without decoding a file; otherwise captions come from data.videos'
+    table (real videos decoded from its files), the shards' records, or the inline prompts.
+    """
     rng = random.Random(seed)
     d = cfg.data
-    videos: list[Path] = []
+    if d.shards:
+        from distill.data.shards import ShardDataset, read_manifest
+
+        store = open_store(d.shards, cfg.storage)
+        manifest = read_manifest(store)
+        captions = sorted({c for r in manifest["shards"] for c in r.get("captions", [])})
+        if "pixels" in manifest["fields"]:
+            data = ShardDataset(store, identity=manifest["model"], max_text_length=cfg.model.max_text_length)
+            picks = rng.sample(range(len(data)), min(n_real, len(data)))
+            real = [((data[i]["pixels"] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).numpy()
+                    for i in picks]
+            return rng.sample(captions, min(n_prompts, len(captions))), real
     if d.videos:
         import pandas as pd
+
+        from distill.data.preprocess import load_clip
 
         table = Path(d.videos) / d.captions_file
         frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table, keep_default_na=False)
         captions = sorted(set(frame["caption"]))
-        if "video" in frame.columns:
-            videos = [Path(d.videos) / v for v in frame["video"]]
-    elif d.shards:
-        from distill.data.shards import read_manifest
-
-        manifest = read_manifest(open_store(d.shards, cfg.storage))
-        captions = sorted({c for r in manifest["shards"] for c in r.get("captions", [])})
-    else:
+        paths = [Path(d.videos) / v for v in frame["video"]] if "video" in frame.columns else []
+        real = [load_clip(p, d.num_frames, d.height, d.width).permute(1, 2, 3, 0).numpy()
+                for p in rng.sample(paths, min(n_real, len(paths)))]
+        return rng.sample(captions, min(n_prompts, len(captions))), real
+    if not d.shards:
         captions = sorted(set(cfg.validation.prompts or d.prompts))
     if not captions:
         raise CheckpointError("the run's data names no captions to benchmark with")
-    return rng.sample(captions, min(n, len(captions))), rng.sample(videos, len(videos))
+    return rng.sample(captions, min(n_prompts, len(captions))), []
 
 
 def teacher_guidance(cfg: Config) -> float:
@@ -92,7 +108,6 @@ def teacher_guidance(cfg: Config) -> float:
 def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig | None = None) -> tuple[list[dict], dict]:
     """Rows of the inference/quality table, and the report's metadata."""
     cfg, manifest, store = load_checkpoint(uri, storage)
-    from distill.data.preprocess import load_clip
     from distill.training.trainer import resolve_device
 
     device = resolve_device(cfg)
@@ -115,9 +130,7 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             runs.append((teacher, {"sampler_kind": "ode", "num_inference_steps": k, "guidance_scale": w}))
 
     d = cfg.data
-    captions, real_paths = bench_prompts(cfg, spec.prompts, spec.seed)
-    real_videos = [load_clip(p, d.num_frames, d.height, d.width).permute(1, 2, 3, 0).numpy()
-                   for p in real_paths[: spec.real_videos]]
+    captions, real_videos = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed)
     real_features = real_feature_set(real_videos) if len(real_videos) > 1 else None
     metrics = [load_metric(m) for m in spec.metrics]
     seeds = [spec.seed + i for i in range(spec.seeds)]
@@ -131,7 +144,7 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
         steps = len(how["sampling_timesteps"]) if how.get("sampling_timesteps") else how["num_inference_steps"]
         label = f"{handle.name}-{how['sampler_kind']}-{steps}"
         result = validator.run(ValidationRequest(prompts=captions, seeds=seeds, output_dir=str(out_dir / "videos" / label),
-                                                 video_format="mp4", **request))
+                                                 video_format=spec.video_format, **request))
         prompt_ids = [i for i in range(len(captions)) for _ in seeds]
         per_video = [c for c in captions for _ in seeds]
         quality = score_videos(result.frames, per_video, prompt_ids, real_features=real_features,

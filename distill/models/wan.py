@@ -53,6 +53,18 @@ PRESETS: dict[str, dict] = {
             latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
         ),
     ),
+    # The shapes world on a GPU: ~6M parameters, 4x4 patches.
+    "shapes": dict(
+        transformer=dict(
+            patch_size=(1, 4, 4), num_attention_heads=8, attention_head_dim=32, text_dim=32, freq_dim=64,
+            ffn_dim=1024, num_layers=6, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+        ),
+        text_encoder=_TINY_TEXT,
+        vae=dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
+    ),
     # The Wan2.1-T2V-1.3B architecture (random weights): 30 blocks, 12 heads of 128, UMT5-XXL text, Wan 2.1 VAE.
     "wan2.1-1.3b": dict(
         transformer=dict(

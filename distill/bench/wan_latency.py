@@ -1,0 +1,120 @@
+"""Benchmark: a few-step student against the N-step CFG teacher, end to end, at a real Wan size.
+
+    python -m distill.bench.wan_latency --preset wan2.1-1.3b --frames 81 --height 480 --width 832
+
+Random weights (latency does not depend on them): one transformer serves both samplers, and
+text embeddings are random, so UMT5-XXL is never built. Everything else is the product's own
+path: the Wan validator, WanPipeline, the bf16 VAE decode. Prints the median of one
+transformer forward, of a VAE decode, and of each sampler end to end and denoising alone,
+then the speed-ups and the student's denoising against k forwards. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from distill.bench.inference import versions
+from distill.config import build_config
+from distill.validation import ValidationRequest
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="wan2.1-1.3b")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--steps", type=int, nargs="+", default=[1000, 750, 500, 250], help="the student's DMD steps")
+    p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from distill import registry
+
+    size = {"num_frames": args.frames, "height": args.height, "width": args.width}
+    cfg = build_config({
+        "model": {"family": "wan", "preset": args.preset, "flow_shift": 3.0},
+        "roles": {"teacher": {"trainable": False}, "student": {"init_from": "teacher", "trainable": True},
+                  "critic": {"init_from": "teacher", "trainable": True}},
+        "method": "dmd2", "method_config": {"dmd_denoising_steps": args.steps, "warp_denoising_step": True},
+        "data": {"prompts": ["a red panda eating bamboo"], **size},
+    })
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plugin = registry.get_model("wan")(cfg, device=device, frozen_dtype=dtype)
+    model = plugin.build_roles(["teacher"])["teacher"]
+    text_dim = model.modules["transformer"].config.text_dim
+    for prompt in ("a red panda eating bamboo", ""):  # random embeddings in place of UMT5-XXL
+        plugin._embeds[prompt] = torch.randn(cfg.model.max_text_length, text_dim, device=device) * 0.1
+    method = registry.get_method("dmd2").cls(cfg, None, plugin)
+    student = method.sampling()
+    k = len(student["sampling_timesteps"])
+
+    shape = plugin.video_latent_shape(**size)
+    x = torch.randn(1, *shape, device=device, dtype=dtype)
+    embeds = plugin._embeds["a red panda eating bamboo"][None].to(dtype)
+    transformer = model.modules["transformer"]
+    with torch.no_grad():
+        forward = timed(lambda: transformer(hidden_states=x, timestep=torch.tensor([500.0], device=device),
+                                            encoder_hidden_states=embeds, return_dict=False), args.repeats)
+        decode = timed(lambda: plugin.vae.decode(x.to(plugin.vae.dtype), return_dict=False), args.repeats)
+
+    validator = plugin.validator()
+
+    def sample(how: dict, seeds: list[int]):
+        request = ValidationRequest(sample_handle=model, prompts=["a red panda eating bamboo"], seeds=seeds,
+                                    output_dir=None, **size, **how)
+        return validator.run(request)
+
+    rows = {}
+    for name, how in (("student", student),
+                      ("teacher", {"sampler_kind": "ode", "num_inference_steps": args.teacher_steps,
+                                   "guidance_scale": args.guidance})):
+        sample(how, [0])  # warm-up
+        result = sample(how, list(range(1, 1 + args.repeats)))
+        rows[name] = {"seconds": statistics.median(result.seconds_per_video),
+                      "denoising_seconds": statistics.median(result.denoising_seconds_per_video),
+                      "nfe": result.function_evaluations_per_video, "timesteps": result.timesteps}
+    s, t = rows["student"], rows["teacher"]
+    result = {
+        "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "versions": versions(), "preset": args.preset, "size": size,
+        "tokens": shape[1] * shape[2] * shape[3] // 4,
+        "forward_seconds": forward, "vae_decode_seconds": decode, "student": s, "teacher": t,
+        "speedup_end_to_end": t["seconds"] / s["seconds"],
+        "speedup_denoising": t["denoising_seconds"] / s["denoising_seconds"],
+        "student_denoising_over_k_forwards": s["denoising_seconds"] / (k * forward),
+        "ceiling_end_to_end": (t["denoising_seconds"] + decode) / (k * forward + decode),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
