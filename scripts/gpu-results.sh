@@ -1,35 +1,53 @@
 #!/usr/bin/env bash
-# The GPU runs behind docs/RESULTS.md, in stages (each fits one call on a lent GPU machine).
-#   scripts/gpu-results.sh shapes-train     teacher (flow matching) and the 4-step student
-#   scripts/gpu-results.sh shapes-finish    the 1-step student, benchmarks of both, comparison
-#   scripts/gpu-results.sh wan              Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
-# Shards of the shapes world are made beforehand (runs/gpu-data/shards, see docs/RESULTS.md).
-# Results go to ${OUT:-results}/.
+# The GPU runs behind docs/RESULTS.md, in stages; each fits one 10-minute call on a lent GPU machine.
+#   scripts/gpu-results.sh probes            training throughput and profiles of the teacher's and the students' configs
+#   scripts/gpu-results.sh shapes-teacher    the teacher (flow matching)
+#   scripts/gpu-results.sh shapes-students   the 4-step and the 1-step DMD2 students, trained side by side on one GPU
+#   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
+#   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
+# The shapes stages read shards from runs/gpu-data/shards (made beforehand, see docs/RESULTS.md).
+# Extra arguments are `--set` overrides for the training runs. Results go to ${OUT:-results}/.
 set -euo pipefail
 out=${OUT:-results}
 mkdir -p "$out"
+stage=${1:?stage}
+shift
+sets=()
+for s in "$@"; do sets+=(--set "$s"); done
 distill() { python3 -m distill.cli "$@"; }
 latest() { echo "$1/checkpoints/$(cat "$1/checkpoints/latest")"; }
+bench_of() { echo "$1/bench/$(cat "$1/checkpoints/latest")"; }
+quiet() { grep -v -e Warning -e warn; }
 
-case "${1:?stage}" in
-  shapes-train)
-    distill train configs/gpu/shapes-teacher.yaml 2>&1 | grep -v Warning | tail -3
-    distill train configs/gpu/shapes-student-4.yaml 2>&1 | grep -v Warning | tail -3
+case "$stage" in
+  probes)
+    python3 -m distill.bench.training configs/gpu/shapes-teacher.yaml --iterations 20 --profile \
+      --json "$out/probe-teacher.json" 2>&1 | quiet > "$out/probe-teacher.txt"
+    python3 -m distill.bench.training configs/gpu/shapes-student-4.yaml --set roles.teacher.init_from=null \
+      --iterations 20 --profile --json "$out/probe-student.json" 2>&1 | quiet > "$out/probe-student.txt"
+    grep -h -e mean_seconds -e student_update_seconds -e critic_only_seconds -e '"mfu' "$out"/probe-*.txt
     ;;
-  shapes-finish)
-    distill train configs/gpu/shapes-student-1.yaml 2>&1 | grep -v Warning | tail -3
+  shapes-teacher)
+    distill train configs/gpu/shapes-teacher.yaml "${sets[@]}" 2>&1 | quiet | tail -3
+    ;;
+  shapes-students)
+    distill train configs/gpu/shapes-student-4.yaml "${sets[@]}" > "$out/student-4.log" 2>&1 &
+    distill train configs/gpu/shapes-student-1.yaml "${sets[@]}" > "$out/student-1.log" 2>&1
+    wait
+    tail -n 2 "$out"/student-*.log
+    ;;
+  shapes-bench)
     for k in 4 1; do
-      distill bench "$(latest runs/gpu/student-$k)" --prompts 24 --seeds 4 --teacher-steps 50 --real-videos 256 \
+      distill bench "$(latest runs/gpu/student-$k)" --prompts 24 --seeds 4 --teacher-steps 50 --real-videos 512 \
         --training-iterations 20 --video-format gif 2>&1 | tail -1
     done
-    distill compare runs/gpu/student-4/bench/step-002000 runs/gpu/student-1/bench/step-002000 --out "$out/compare" \
-      > /dev/null
-    tar czf "$out/shapes-results.tgz" runs/gpu/*/bench runs/gpu/*/metrics.jsonl "$out/compare" \
-      runs/gpu/teacher/validation
+    distill compare "$(bench_of runs/gpu/student-4)" "$(bench_of runs/gpu/student-1)" --out "$out/compare"
+    find runs/gpu -name '*.gif' -prune -o -type f \( -path '*/bench/*' -o -path '*/validation/*' -o -name metrics.jsonl \
+      -o -name config.yaml \) -print | tar czf "$out/shapes-results.tgz" -T -
     ;;
   wan)
-    python3 -m distill.bench.dmd2_step --iterations 12 --json "$out/wan_dmd2_step.json" 2>&1 | grep -v Warning | tail -30
-    python3 -m distill.bench.wan_latency --json "$out/wan_latency.json" 2>&1 | grep -v Warning | tail -30
+    python3 -m distill.bench.dmd2_step --iterations 12 --json "$out/wan_dmd2_step.json" 2>&1 | quiet | tail -30
+    python3 -m distill.bench.wan_latency --json "$out/wan_latency.json" 2>&1 | quiet | tail -30
     ;;
-  *) echo "unknown stage $1" >&2; exit 2 ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

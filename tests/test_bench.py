@@ -98,9 +98,10 @@ def test_clip_plugin_from_a_local_weights_path(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A tiny DMD2 run on a shapes data set, with checkpoints at steps 2 and 4."""
+    """A tiny DMD2 run on a shapes data set of 4 captions, with checkpoints at steps 2 and 4."""
     tmp = tmp_path_factory.mktemp("bench")
-    write_dataset(tmp / "shapes", 24, ShapesWorldConfig(**SIZE, seed=0))
+    world = ShapesWorldConfig(**SIZE, seed=0, colours=("red", "blue"), shapes=("square",), directions=("left", "up"))
+    write_dataset(tmp / "shapes", 24, world)
     cfg = tiny_config(tmp / "run", data={**SIZE, "videos": str(tmp / "shapes"), "shards": str(tmp / "shards")},
                       training={"max_steps": 4, "checkpoint_every": 2},
                       method_config={"generator_update_interval": 1})
@@ -118,14 +119,19 @@ def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
     report = checkpoints / "bench" / "step-000004"
     table = pd.read_parquet(report / "report.parquet")
     assert list(zip(table.model, table.sampler, table.steps)) == [("student", "sde", 4), ("teacher", "ode", 6),
-                                                                    ("teacher", "ode", 4)]
+                                                                    ("teacher", "ode", 4), ("data", "-", 0)]
+    data = table.iloc[-1]  # held-out real videos of the same 3 prompts, 2 each (as many as seeds)
+    assert data.videos == 6 and data.adherence_all == 1.0 and data.motion_consistency == 1.0
+    assert data.diversity > 0 and data.fd_oracle >= 0 and pd.isna(data.latency_s)
+    table = table.iloc[:-1]
     assert list(table.nfe) == [4, 12, 8]  # the teacher samples with CFG: two passes a step
     assert (table.latency_s > 0).all() and (table.latency_s >= table.denoise_s).all()
     for column in ("adherence_all", "motion_consistency", "sharpness", "diversity", "coverage", "fd_oracle"):
         assert table[column].notna().all(), column
-    assert pd.read_csv(report / "report.csv").shape == table.shape
+    assert pd.read_csv(report / "report.csv").shape == (len(table) + 1, table.shape[1])
     md = (report / "report.md").read_text()
     assert "Speed-up of student (4 steps) over teacher (6 steps" in md and "CPU" in md and "torch" in md
+    assert "The `data` row scores held-out real videos" in md
     for png in ("quality_vs_steps.png", "latency_vs_steps.png", "training_curves.png"):
         assert (report / png).stat().st_size > 1000
     training = json.loads((report / "training.json").read_text())
@@ -154,3 +160,24 @@ def test_compare_flags_regressions(tmp_path):
     assert any(f.startswith("adherence_all") for f in flags) and any(f.startswith("latency_s") for f in flags)
     assert not any(f.startswith("fd_oracle") for f in flags)  # lower is better: an improvement
     assert not any(f.startswith("diversity") for f in flags)
+
+
+def test_compare_runs_with_the_same_checkpoint_names(tmp_path):
+    """A 4-step and a 1-step student of two runs: both checkpoints are step-001600; every row shows."""
+    rows = {
+        "student-4": [{"checkpoint": "step-001600", "model": "student", "sampler": "sde", "steps": 4, "adherence_all": 0.9},
+                      {"checkpoint": "step-001600", "model": "teacher", "sampler": "ode", "steps": 50, "adherence_all": 0.8}],
+        "student-1": [{"checkpoint": "step-001600", "model": "student", "sampler": "sde", "steps": 1, "adherence_all": 0.7},
+                      {"checkpoint": "step-001600", "model": "teacher", "sampler": "ode", "steps": 50, "adherence_all": 0.8}],
+    }
+    for run, table in rows.items():
+        folder = tmp_path / run / "bench" / "step-001600"
+        folder.mkdir(parents=True)
+        pd.DataFrame(table).to_parquet(folder / "report.parquet")
+    frame, _ = compare([tmp_path / r / "bench" / "step-001600" for r in rows])
+    assert {"student-4/step-001600", "student-1/step-001600", "delta student-1/step-001600"} <= set(frame.columns)
+    by_steps = frame.set_index(["model", "steps"])
+    assert by_steps.loc[("student", 4), "student-4/step-001600"] == 0.9
+    assert by_steps.loc[("student", 1), "student-1/step-001600"] == 0.7
+    assert pd.isna(by_steps.loc[("student", 1), "delta student-1/step-001600"])  # no earlier report has the row
+    assert by_steps.loc[("teacher", 50), "delta student-1/step-001600"] == 0.0

@@ -3,7 +3,9 @@
 Rows, one per (checkpoint, model, sampler, steps):
 - the exported role (the student) with its own sampling (a DMD2 student: its k steps, sde, no CFG);
 - when the run has a frozen `teacher` role: the teacher with CFG at `teacher_steps` (ode) and at
-  the student's k steps (ode), the baselines the student is judged against.
+  the student's k steps (ode), the baselines the student is judged against;
+- `data`: held-out real videos of the same prompts, as many per prompt as seeds (the ceiling
+  of adherence, the data's own diversity, and the Fréchet distance of real against real).
 Latency excludes a warm-up video and is the median over every (prompt, seed) video.
 """
 
@@ -59,26 +61,41 @@ def load_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[Con
     return cfg, json.loads(store.get_text(MANIFEST)), store
 
 
-def bench_data(cfg: Config, n_prompts: int, n_real: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
-    """Captions to sample (seeded draw) and real videos, (F, H, W, 3) uint8, at the run's size.
+@dataclass
+class BenchData:
+    captions: list[str]
+    """The prompts to sample, a seeded draw from the run's captions."""
+    real_videos: list[np.ndarray] = field(default_factory=list)
+    """The reference set for Fréchet distance and coverage, (F, H, W, 3) uint8."""
+    data_videos: list[np.ndarray] = field(default_factory=list)
+    """Other real videos of the same prompts, as many per prompt as seeds: the `data` row, the
+    ceiling of adherence and the diversity the data has at the same group size."""
+    data_captions: list[str] = field(default_factory=list)
 
-    Pixel shards give both without decoding a file; otherwise captions come from data.videos'
+
+def bench_data(cfg: Config, n_prompts: int, n_real: int, seed: int, per_prompt: int = 0) -> BenchData:
+    """Captions to sample (seeded draw), the real reference set, and held-out real videos of the
+    sampled captions (`per_prompt` each, where the data has them), all at the run's size.
+
+    Pixel shards give videos without decoding a file; otherwise captions come from data.videos'
     table (real videos decoded from its files), the shards' records, or the inline prompts.
     """
     rng = random.Random(seed)
     d = cfg.data
+    per_item: list[str] = []
     if d.shards:
         from distill.data.shards import ShardDataset, read_manifest
 
         store = open_store(d.shards, cfg.storage)
         manifest = read_manifest(store)
-        captions = sorted({c for r in manifest["shards"] for c in r.get("captions", [])})
+        per_item = [c for r in manifest["shards"] for c in r.get("captions", [])]
         if "pixels" in manifest["fields"]:
             data = ShardDataset(store, identity=manifest["model"], max_text_length=cfg.model.max_text_length)
-            picks = rng.sample(range(len(data)), min(n_real, len(data)))
-            real = [((data[i]["pixels"] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).numpy()
-                    for i in picks]
-            return rng.sample(captions, min(n_prompts, len(captions))), real
+
+            def load(i: int) -> np.ndarray:
+                return ((data[i]["pixels"] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).numpy()
+
+            return _draw(per_item, load, n_prompts, n_real, per_prompt, rng)
     if d.videos:
         import pandas as pd
 
@@ -86,16 +103,33 @@ def bench_data(cfg: Config, n_prompts: int, n_real: int, seed: int) -> tuple[lis
 
         table = Path(d.videos) / d.captions_file
         frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table, keep_default_na=False)
-        captions = sorted(set(frame["caption"]))
-        paths = [Path(d.videos) / v for v in frame["video"]] if "video" in frame.columns else []
-        real = [load_clip(p, d.num_frames, d.height, d.width).permute(1, 2, 3, 0).numpy()
-                for p in rng.sample(paths, min(n_real, len(paths)))]
-        return rng.sample(captions, min(n_prompts, len(captions))), real
-    if not d.shards:
-        captions = sorted(set(cfg.validation.prompts or d.prompts))
+        if "video" not in frame.columns:
+            captions = sorted(set(frame["caption"]))
+            return BenchData(rng.sample(captions, min(n_prompts, len(captions))))
+        paths = [Path(d.videos) / v for v in frame["video"]]
+
+        def load(i: int) -> np.ndarray:
+            return load_clip(paths[i], d.num_frames, d.height, d.width).permute(1, 2, 3, 0).numpy()
+
+        return _draw(list(frame["caption"]), load, n_prompts, n_real, per_prompt, rng)
+    captions = sorted(set(per_item or cfg.validation.prompts or d.prompts))
     if not captions:
         raise CheckpointError("the run's data names no captions to benchmark with")
-    return rng.sample(captions, min(n_prompts, len(captions))), []
+    return BenchData(rng.sample(captions, min(n_prompts, len(captions))))
+
+
+def _draw(per_item: list[str], load, n_prompts: int, n_real: int, per_prompt: int, rng: random.Random) -> BenchData:
+    """Prompts, a reference set, and held-out videos of the prompts (outside the reference set)."""
+    captions = sorted(set(per_item))
+    prompts = rng.sample(captions, min(n_prompts, len(captions)))
+    reference = rng.sample(range(len(per_item)), min(n_real, len(per_item)))
+    taken = set(reference)
+    held_out = []
+    for caption in prompts:
+        candidates = [i for i, c in enumerate(per_item) if c == caption and i not in taken]
+        held_out += rng.sample(candidates, min(per_prompt, len(candidates)))
+    return BenchData(prompts, [load(i) for i in reference], [load(i) for i in held_out],
+                     [per_item[i] for i in held_out])
 
 
 def teacher_guidance(cfg: Config) -> float:
@@ -130,7 +164,8 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             runs.append((teacher, {"sampler_kind": "ode", "num_inference_steps": k, "guidance_scale": w}))
 
     d = cfg.data
-    captions, real_videos = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed)
+    data = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed, per_prompt=spec.seeds)
+    captions, real_videos = data.captions, data.real_videos
     real_features = real_feature_set(real_videos) if len(real_videos) > 1 else None
     metrics = [load_metric(m) for m in spec.metrics]
     seeds = [spec.seed + i for i in range(spec.seeds)]
@@ -158,6 +193,12 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             "decode_s": latency - denoise, "videos": len(result.frames), **quality,
             "contact_sheet": f"videos/{label}/contact.png",
         })
+    if data.data_videos:
+        prompt_ids = [data.data_captions.index(c) for c in data.data_captions]  # first index: an id per caption
+        quality = score_videos(data.data_videos, data.data_captions, prompt_ids, real_features=real_features,
+                               real_videos=real_videos, metrics=metrics)
+        rows.append({"checkpoint": manifest["name"], "step": manifest["step"], "model": "data", "sampler": "-",
+                     "steps": 0, "videos": len(data.data_videos), **quality})
     meta = {
         "checkpoint": uri, "name": manifest["name"], "step": manifest["step"], "method": cfg.method,
         "card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",

@@ -55,16 +55,21 @@ def _markdown(table: pd.DataFrame, meta: dict, training: dict | None, plots: lis
              f"{meta['real_videos']} real videos for Fréchet distance and coverage.", ""]
     speed = [c for c in ["model", "sampler", "steps", "guidance", "nfe", "latency_s", "denoise_s", "decode_s"]
              if c in table]
-    lines += ["## Latency (median seconds per video, warm-up excluded)", "", _md_table(table[speed])]
-    base = table[(table["model"] != table["model"].iloc[0])]
+    sampled = table[table["model"] != "data"]
+    lines += ["## Latency (median seconds per video, warm-up excluded)", "", _md_table(sampled[speed])]
+    base = sampled[(sampled["model"] != sampled["model"].iloc[0])]
     if len(base):
         ref = base.loc[base["steps"].idxmax()]
-        student = table.iloc[0]
+        student = sampled.iloc[0]
         lines += [f"Speed-up of {student['model']} ({student['steps']} steps) over {ref['model']} "
                   f"({ref['steps']} steps, CFG {ref['guidance']:g}): end to end "
                   f"{ref['latency_s'] / student['latency_s']:.1f}x, denoising {ref['denoise_s'] / student['denoise_s']:.1f}x.", ""]
     quality = KEY + [c for c in table.columns if c in QUALITY or c.startswith("fd_") or c.endswith("_score")]
     lines += ["## Quality (shapes-world oracle; fd_* lower is better)", "", _md_table(table[quality])]
+    if "data" in set(table["model"]):
+        lines += ["The `data` row scores held-out real videos of the same prompts (as many per prompt as seeds) "
+                  "against the same reference set: the ceiling of adherence, the data's own diversity, and the "
+                  "Fréchet distance at this sample size between two real sets.", ""]
     if training is not None:
         keep = {k: v for k, v in training.items() if k != "rows"}
         lines += ["## Training throughput", "", _md_table(pd.DataFrame([keep]))]
@@ -85,6 +90,10 @@ def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None) -> li
         fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
         for ax, column in zip(axes[0], columns):
             for model, group in table.groupby("model"):
+                if model == "data":
+                    if group[column].notna().any():
+                        ax.axhline(group[column].iloc[0], color="grey", linestyle="--", label="data")
+                    continue
                 group = group.sort_values("steps")
                 ax.plot(group["steps"], group[column], marker="o", label=model)
             ax.set_xscale("log")
@@ -115,33 +124,37 @@ def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None) -> li
 def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float = 0.02,
             latency_tolerance: float = 0.10) -> tuple[pd.DataFrame, str]:
     """Line reports up by (model, sampler, steps): each metric per report, its delta against the
-    first report, and a regression flag where a later report is worse by more than `tolerance`
-    (absolute for fractions in [0, 1], else relative), or, for latencies, `latency_tolerance`
-    (relative: timings move by a few percent from run to run)."""
-    tables = []
+    first report that has the row, and a regression flag where a later report is worse by more
+    than `tolerance` (absolute for fractions in [0, 1], else relative), or, for latencies,
+    `latency_tolerance` (relative: timings move by a few percent from run to run)."""
+    tables, labels = [], []
     for path in reports:
         path = Path(path)
-        table = pd.read_parquet(path / "report.parquet" if path.is_dir() else path)
-        tables.append(table)
+        tables.append(pd.read_parquet(path / "report.parquet" if path.is_dir() else path).set_index(KEY))
+        labels.append(str(tables[-1]["checkpoint"].iloc[0]))
+    if len(set(labels)) < len(labels):  # same checkpoint names from different runs: <run>/<checkpoint>
+        labels = [_run_label(Path(p), label) for p, label in zip(reports, labels)]
     metrics = [c for c in tables[0].columns if c in QUALITY or c in LOWER_IS_BETTER or c.startswith(("fd_", "clip"))]
+    keys = list(dict.fromkeys(key for table in tables for key in table.index))
     rows, flags = [], []
-    for key, first in tables[0].set_index(KEY).iterrows():
+    for key in keys:
         for metric in metrics:
             row = dict(zip(KEY, key), metric=metric)
-            for i, table in enumerate(tables):
-                match = table.set_index(KEY)
-                value = match.loc[key, metric] if key in match.index and metric in match else float("nan")
-                label = f"{table['checkpoint'].iloc[0]}"
+            first = None
+            for table, label in zip(tables, labels):
+                value = table.loc[key, metric] if key in table.index and metric in table else float("nan")
                 row[label] = value
-                if i:
-                    delta = value - first[metric]
-                    row[f"delta {label}"] = delta
-                    worse = delta > 0 if metric in LOWER_IS_BETTER else delta < 0
-                    scale = 1.0 if metric in QUALITY else max(abs(first[metric]), 1e-12)
-                    limit = latency_tolerance if metric.endswith("_s") else tolerance
-                    if worse and abs(delta) / scale > limit:
-                        flags.append(f"{metric} of {key[0]} {key[1]} {key[2]}-step: {first[metric]:.4g} -> "
-                                     f"{value:.4g} in {label}")
+                if first is None:
+                    if key in table.index:
+                        first = value
+                    continue
+                delta = value - first
+                row[f"delta {label}"] = delta
+                worse = delta > 0 if metric in LOWER_IS_BETTER else delta < 0
+                scale = 1.0 if metric in QUALITY else max(abs(first), 1e-12)
+                limit = latency_tolerance if metric.endswith("_s") else tolerance
+                if worse and abs(delta) / scale > limit:
+                    flags.append(f"{metric} of {key[0]} {key[1]} {key[2]}-step: {first:.4g} -> {value:.4g} in {label}")
             rows.append(row)
     frame = pd.DataFrame(rows)
     md = "# Comparison\n\n" + _md_table(frame) + "\n## Regressions\n\n" + \
@@ -154,3 +167,11 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
         (out_dir / "compare.md").write_text(md)
         (out_dir / "regressions.json").write_text(json.dumps(flags, indent=2))
     return frame, md
+
+
+def _run_label(path: Path, checkpoint: str) -> str:
+    """`<run>/<checkpoint>` for a report in `<run>/bench/<checkpoint>/`, else the report's path."""
+    folder = path if path.is_dir() else path.parent
+    if folder.parent.name == "bench":
+        return f"{folder.parent.parent.name}/{checkpoint}"
+    return str(folder)

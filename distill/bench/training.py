@@ -109,3 +109,45 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "rows": rows,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m distill.bench.training CONFIG`: throughput of a run config (fresh weights), as JSON."""
+    import argparse
+    import json
+    import tempfile
+
+    from distill.config import load_config
+    from distill.training.trainer import Trainer
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 iterations")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    cfg.run.output = tempfile.mkdtemp(prefix="distill-bench-train-")
+    cfg.validation.every = 0
+    trainer = Trainer(cfg)
+    result = measure(trainer, iterations=args.iterations)
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                trainer.train_iteration()
+            _sync(trainer.device)
+        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if trainer.device.type == "cuda" else []):
+            print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,10 @@ class DistillMethod(ABC):
         # `local_rng` draws what each rank draws for itself (noise, timesteps).
         self.shared_rng = torch.Generator().manual_seed(cfg.run.seed)
         self.local_rng = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 7919 * (rank + 1))
+        # Noise is drawn where it is used: a batch of video noise drawn on the CPU and copied over
+        # cost more than the whole forward and backward pass of a small model on a GPU.
+        device = getattr(adapter, "device", torch.device("cpu"))
+        self.noise_rng = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_033 + 6007 * (rank + 1))
 
     # -- build -----------------------------------------------------------------------------
 
@@ -108,16 +112,18 @@ class DistillMethod(ABC):
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"shared_rng": self.shared_rng.get_state(), "local_rng": self.local_rng.get_state()}
+        return {"shared_rng": self.shared_rng.get_state(), "local_rng": self.local_rng.get_state(),
+                "noise_rng": self.noise_rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.shared_rng.set_state(state["shared_rng"])
         self.local_rng.set_state(state["local_rng"])
+        self.noise_rng.set_state(state["noise_rng"])
 
     # -- helpers shared by methods ----------------------------------------------------------
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.local_rng, dtype=torch.float32).to(x.device)
+        return torch.randn(x.shape, generator=self.noise_rng, device=self.noise_rng.device, dtype=torch.float32).to(x.device)
 
     def sample_timesteps(self, batch_size: int, device: torch.device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
         """t uniform in [0, T], shifted with the model's flow shift, clamped to [lo, hi] · T."""
