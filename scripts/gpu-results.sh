@@ -16,6 +16,7 @@ sets=()
 for s in "$@"; do sets+=(--set "$s"); done
 distill() { python3 -m distill.cli "$@"; }
 latest() { echo "$1/checkpoints/$(cat "$1/checkpoints/latest")"; }
+resume() { [ -e "$1/checkpoints/latest" ] && echo --resume || true; }  # a stage cut off by its call goes on
 bench_of() { echo "$1/bench/$(cat "$1/checkpoints/latest")"; }
 quiet() { grep -v -e Warning -e warn; }
 
@@ -28,11 +29,11 @@ case "$stage" in
     grep -h -e mean_seconds -e student_update_seconds -e critic_only_seconds -e '"mfu' "$out"/probe-*.txt
     ;;
   shapes-teacher)
-    distill train configs/gpu/shapes-teacher.yaml "${sets[@]}" 2>&1 | quiet | tail -3
+    distill train configs/gpu/shapes-teacher.yaml $(resume runs/gpu/teacher) "${sets[@]}" 2>&1 | quiet | tail -3
     ;;
   shapes-students)
-    distill train configs/gpu/shapes-student-4.yaml "${sets[@]}" > "$out/student-4.log" 2>&1 &
-    distill train configs/gpu/shapes-student-1.yaml "${sets[@]}" > "$out/student-1.log" 2>&1
+    distill train configs/gpu/shapes-student-4.yaml $(resume runs/gpu/student-4) "${sets[@]}" > "$out/student-4.log" 2>&1 &
+    distill train configs/gpu/shapes-student-1.yaml $(resume runs/gpu/student-1) "${sets[@]}" > "$out/student-1.log" 2>&1
     wait
     tail -n 2 "$out"/student-*.log
     ;;
