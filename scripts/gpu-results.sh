@@ -30,6 +30,10 @@ case "$stage" in
     ;;
   shapes-teacher)
     distill train configs/gpu/shapes-teacher.yaml $(resume runs/gpu/teacher) "${sets[@]}" 2>&1 | quiet | tail -3
+    # a bf16 copy of the exported teacher (12 MB) comes back, to carry into a later machine's call
+    python3 -c "import sys, torch; from diffusers import WanTransformer3DModel as W
+W.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])" \
+      "$(latest runs/gpu/teacher)/export/transformer" "$out/teacher"
     ;;
   shapes-students)
     distill train configs/gpu/shapes-student-4.yaml $(resume runs/gpu/student-4) "${sets[@]}" > "$out/student-4.log" 2>&1 &

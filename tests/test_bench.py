@@ -181,3 +181,22 @@ def test_compare_runs_with_the_same_checkpoint_names(tmp_path):
     assert by_steps.loc[("student", 1), "student-1/step-001600"] == 0.7
     assert pd.isna(by_steps.loc[("student", 1), "delta student-1/step-001600"])  # no earlier report has the row
     assert by_steps.loc[("teacher", 50), "delta student-1/step-001600"] == 0.0
+
+
+def test_training_throughput_of_a_config(tmp_path, capsys):
+    """`python -m distill.bench.training CONFIG`: both kinds of DMD2 iteration timed, FLOPs counted, a profile."""
+    import yaml
+
+    from distill.bench.training import main as training_main
+    from tiny import tiny_raw
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(str(tmp_path / "run"))))
+    training_main([str(config), "--set", "method_config.generator_update_interval=2", "--iterations", "4",
+                   "--profile", "--json", str(tmp_path / "t.json")])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert len(result["rows"]) == 4 and result["forward_flops"] > 0 and 0 < result["mfu"] < 1
+    assert result["student_update_seconds"] > 0 and result["critic_only_seconds"] > 0
+    assert [r["student_update"] for r in result["rows"]] == [True, False, True, False]
+    assert "Self CPU time total" in printed
