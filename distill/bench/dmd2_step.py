@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 from torch.utils.data import Dataset
 
-from distill.bench.inference import versions
+from distill.bench.inference import card, versions
 from distill.config import build_config
 
 
@@ -87,7 +86,7 @@ def main(argv=None) -> dict:
     for row in figures["rows"]:
         print(json.dumps(row), flush=True)
     result = {
-        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "card": card(trainer.device),
         "versions": versions(),
         "shape": {"frames": args.frames, "height": args.height, "width": args.width, "batch": 1},
         "preset": args.preset,

@@ -201,11 +201,16 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
                      "steps": 0, "videos": len(data.data_videos), **quality})
     meta = {
         "checkpoint": uri, "name": manifest["name"], "step": manifest["step"], "method": cfg.method,
-        "card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "card": card(device),
         "versions": versions(), "prompts": captions, "seeds": seeds, "real_videos": len(real_videos),
         "size": {"num_frames": d.num_frames, "height": d.height, "width": d.width},
     }
     return rows, meta
+
+
+def card(device: torch.device) -> str:
+    """The card of a report: the GPU's name, or CPU and its processor."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
 
 
 def versions() -> dict:

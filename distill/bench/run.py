@@ -48,12 +48,9 @@ def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None
 
 def measure_training(checkpoint: str, iterations: int, storage: StorageConfig | None) -> dict:
     """Throughput of the checkpoint's run config (fresh weights; speed does not depend on them)."""
-    from distill.bench.training import measure
-    from distill.training.trainer import Trainer
+    from distill.bench.training import measure, throughput_trainer
 
     cfg, _, _ = load_checkpoint(checkpoint, storage)
-    cfg.run.output = tempfile.mkdtemp(prefix="distill-bench-train-")
-    cfg.validation.every = 0
-    result = measure(Trainer(cfg), iterations=iterations)
+    result = measure(throughput_trainer(cfg), iterations=iterations)
     result["config"] = {"batch_size": cfg.training.batch_size, "method": cfg.method}
     return result

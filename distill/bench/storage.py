@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from distill.config import StorageConfig
+from distill.data.shards import sha256_of
 from distill.storage import open_store
 
 
@@ -46,14 +47,6 @@ def make_checkpoint(folder: Path, total_bytes: int) -> dict[str, str]:
         digests[name] = h.hexdigest()
     (folder / "MANIFEST.json").write_text(json.dumps({"files": sorted(sizes)}))
     return digests
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv=None) -> dict:
@@ -90,7 +83,7 @@ def main(argv=None) -> dict:
             store.download_folder(prefix, down)
             downs.append(time.perf_counter() - start)
             for name, digest in digests.items():
-                assert sha256(down / name) == digest, f"{name} came back different"
+                assert sha256_of(down / name) == digest, f"{name} came back different"
             shutil.rmtree(down)
             store.delete(prefix)
         mb = total / 1e6

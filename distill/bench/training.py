@@ -111,14 +111,23 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
     }
 
 
+def throughput_trainer(cfg):
+    """A Trainer of `cfg` for timing only: fresh weights, a temporary output folder, no validation."""
+    import tempfile
+
+    from distill.training.trainer import Trainer
+
+    cfg.run.output = tempfile.mkdtemp(prefix="distill-bench-train-")
+    cfg.validation.every = 0
+    return Trainer(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m distill.bench.training CONFIG`: throughput of a run config (fresh weights), as JSON."""
     import argparse
     import json
-    import tempfile
 
     from distill.config import load_config
-    from distill.training.trainer import Trainer
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("config")
@@ -127,10 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 iterations")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    cfg.run.output = tempfile.mkdtemp(prefix="distill-bench-train-")
-    cfg.validation.every = 0
-    trainer = Trainer(cfg)
+    trainer = throughput_trainer(load_config(args.config, args.set))
     result = measure(trainer, iterations=args.iterations)
     summary = {k: v for k, v in result.items() if k != "rows"}
     print(json.dumps(summary, indent=1))

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from distill.bench.inference import versions
+from distill.bench.inference import card, versions
 from distill.config import build_config
 from distill.validation import ValidationRequest
 
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
                       "nfe": result.function_evaluations_per_video, "timesteps": result.timesteps}
     s, t = rows["student"], rows["teacher"]
     result = {
-        "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "versions": versions(), "preset": args.preset, "size": size,
+        "card": card(device), "versions": versions(), "preset": args.preset, "size": size,
         "tokens": shape[1] * shape[2] * shape[3] // 4,
         "forward_seconds": forward, "vae_decode_seconds": decode, "student": s, "teacher": t,
         "speedup_end_to_end": t["seconds"] / s["seconds"],
