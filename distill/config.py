@@ -3,27 +3,24 @@
 Every section is a keyword-only dataclass with a one-line docstring under each field.
 `load_config` rejects an unknown key, a wrong type or an impossible value with a
 `ConfigError` that names the key path (``training.learning_rate``), before any model is
-built. ``method_config`` is typed by the method named in ``method`` (see registry.py).
+built (the strict building is `distill.strict`'s). ``method_config`` is typed by the
+method named in ``method`` (see registry.py); loading a config imports no model library.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from distill.errors import InputError
+from distill.errors import ConfigError
+from distill.strict import build_section, non_negative, positive
 
-
-class ConfigError(InputError):
-    """A config value is unknown, mistyped or impossible; the message names the key path."""
+__all__ = ["Config", "ConfigError", "build_config", "build_section", "load_config", "to_dict"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,7 +60,7 @@ class ModelConfig:
     def validate(self, path: str) -> None:
         if (self.preset is None) == (self.path is None):
             raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
-        _positive(self, path, "flow_shift", "max_text_length")
+        positive(self, path, "flow_shift", "max_text_length")
 
 
 @dataclass(kw_only=True)
@@ -129,12 +126,12 @@ class TrainingConfig:
     """Show a progress bar on rank 0."""
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every",
+        positive(self, path, "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every",
                   "keep_checkpoints")
-        _non_negative(self, path, "checkpoint_every", "keep_checkpoint_every")
-        _positive(self, path, "fake_score_learning_rate")
-        _non_negative(self, path, "weight_decay", "warmup_steps", "max_grad_norm", "eps")
-        _non_negative(self, path, "fake_score_weight_decay", "fake_score_warmup_steps", "fake_score_max_grad_norm")
+        non_negative(self, path, "checkpoint_every", "keep_checkpoint_every")
+        positive(self, path, "fake_score_learning_rate")
+        non_negative(self, path, "weight_decay", "warmup_steps", "max_grad_norm", "eps")
+        non_negative(self, path, "fake_score_weight_decay", "fake_score_warmup_steps", "fake_score_max_grad_norm")
         for key in ("betas", "fake_score_betas"):
             betas = getattr(self, key)
             if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
@@ -169,7 +166,7 @@ class DataConfig:
     def validate(self, path: str) -> None:
         if not (self.prompts or self.videos or self.shards):
             raise ConfigError(f"{path}: the data set is empty; give {path}.prompts, {path}.videos or {path}.shards")
-        _positive(self, path, "num_frames", "height", "width", "shard_size", "preprocess_batch_size")
+        positive(self, path, "num_frames", "height", "width", "shard_size", "preprocess_batch_size")
 
 
 @dataclass(kw_only=True)
@@ -192,8 +189,8 @@ class ValidationConfig:
     """mp4 (H.264 through imageio-ffmpeg) or gif (Pillow only)."""
 
     def validate(self, path: str) -> None:
-        _non_negative(self, path, "every")
-        _positive(self, path, "num_frames", "height", "width", "fps")
+        non_negative(self, path, "every")
+        positive(self, path, "num_frames", "height", "width", "fps")
         if not self.seeds:
             raise ConfigError(f"{path}.seeds: give at least one seed")
 
@@ -222,9 +219,9 @@ class StorageConfig:
     """Parts in flight at once."""
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "retries", "connect_timeout", "read_timeout", "multipart_threshold_mb",
+        positive(self, path, "retries", "connect_timeout", "read_timeout", "multipart_threshold_mb",
                   "multipart_chunk_mb", "max_concurrency")
-        _non_negative(self, path, "backoff_seconds")
+        non_negative(self, path, "backoff_seconds")
 
 
 @dataclass(kw_only=True)
@@ -279,104 +276,6 @@ class Config:
 # Strict loading
 # ---------------------------------------------------------------------------------------
 
-_FLOAT_STR = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`, converting where YAML is ambiguous."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        # YAML 1.1 reads `1e-5` (no dot) as a string; accept plain numeric strings for floats.
-        if isinstance(value, str) and _FLOAT_STR.match(value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        key_tp, val_tp = args
-        return {_convert(k, key_tp, path): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")
-
-
-def build_section(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and missing required ones."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    prefix = f"{path}." if path else ""
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key; valid keys here: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required key is missing")
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(path)
-    return obj
-
-
-def _positive(obj: Any, path: str, *keys: str) -> None:
-    for key in keys:
-        value = getattr(obj, key)
-        if value is not None and not value > 0:  # `not >` also rejects NaN
-            raise ConfigError(f"{path}.{key}: must be > 0, got {value}")
-
-
-def _non_negative(obj: Any, path: str, *keys: str) -> None:
-    for key in keys:
-        value = getattr(obj, key)
-        if value is not None and not value >= 0:  # `not >=` also rejects NaN
-            raise ConfigError(f"{path}.{key}: must be >= 0, got {value}")
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `key.path=value` overrides (values parsed as YAML) to a raw config mapping."""
     raw = copy.deepcopy(raw)
@@ -396,7 +295,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def build_config(raw: dict) -> Config:
-    """Build and check a `Config` from a raw mapping (already overridden)."""
+    """Build and check a `Config` from a raw mapping (already overridden).
+
+    Methods and model families are looked up in the registry; model plugins are not imported
+    (the registry knows a family's name and timesteps without loading diffusers).
+    """
+    import distill.methods  # noqa: F401  (registers the built-in methods)
+    import distill.models  # noqa: F401  (registers the built-in model families, without importing them)
     from distill import registry
 
     if not isinstance(raw, dict):
@@ -406,7 +311,7 @@ def build_config(raw: dict) -> Config:
     cfg = build_section(Config, raw, "")
     spec = registry.get_method(cfg.method, key="method")
     cfg.method_config = build_section(spec.config_cls, method_raw, "method_config")
-    registry.get_model(cfg.model.family, key="model.family")
+    registry.model_spec(cfg.model.family, key="model.family")
     spec.cls.check_config(cfg)
     return cfg
 

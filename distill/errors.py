@@ -1,5 +1,9 @@
-"""The error every user-facing check raises: bad input, named (config key, file, shard)."""
+"""The errors every user-facing check raises: bad input, named (config key, file, shard)."""
 
 
 class InputError(ValueError):
     """Bad input the user must fix; the message names the config key, the file or the shard."""
+
+
+class ConfigError(InputError):
+    """A config value is unknown, mistyped or impossible; the message names the key path."""

@@ -1,7 +1,10 @@
-"""Registries of training methods and model plugins, looked up by the names a config uses.
+"""Registries of training methods and model families, looked up by the names a config uses.
 
-Adding a method or a model family is one new module that calls `register_method` or
-`register_model` at import; `distill.methods` and `distill.models` import their modules.
+Plain dicts of name → spec; the registry imports no plugin. A method registers itself with
+`@register_method` in its own module; a model family registers with `register_model`, either
+on its class or, for a family whose module imports a model library, by the module's path (so
+that loading a config never imports diffusers). The built-in ones are listed in
+`distill/methods/__init__.py` and `distill/models/__init__.py`, imported by `build_config`.
 """
 
 from __future__ import annotations
@@ -10,16 +13,39 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from distill.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     cls: type
+    """The DistillMethod subclass."""
     config_cls: type
+    """The dataclass that types `method_config`."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    target: type | str
+    """The ModelPlugin subclass, or "package.module:Class", imported on first `load()`."""
+    num_train_timesteps: int
+    """T of the family's noise schedule: what config checks of timesteps need, without loading the plugin."""
+
+    def load(self) -> type:
+        if isinstance(self.target, type):
+            return self.target
+        module, _, name = self.target.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        if cls.num_train_timesteps != self.num_train_timesteps:
+            raise TypeError(f"model family {self.name!r}: {self.target} has num_train_timesteps "
+                            f"{cls.num_train_timesteps}, its registration says {self.num_train_timesteps}")
+        return cls
 
 
 _METHODS: dict[str, MethodSpec] = {}
-_MODELS: dict[str, type] = {}
+_MODELS: dict[str, ModelSpec] = {}
 
 
 def register_method(name: str, config_cls: type):
@@ -35,34 +61,47 @@ def register_method(name: str, config_cls: type):
     return wrap
 
 
-def register_model(name: str):
-    """Class decorator: make a model plugin available as `model.family: <name>`."""
+def register_model(name: str, target: str | None = None, *, num_train_timesteps: int | None = None):
+    """Make a model plugin available as `model.family: <name>`.
 
-    def wrap(cls: type) -> type:
+    As a class decorator (`@register_model("points")`), or as a line naming the class by path
+    (`register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000)`).
+    """
+
+    def add(spec_target: type | str, timesteps: int) -> None:
         if name in _MODELS:
             raise ValueError(f"model family {name!r} is registered twice")
-        _MODELS[name] = cls
+        _MODELS[name] = ModelSpec(name, spec_target, timesteps)
+
+    if target is not None:
+        if num_train_timesteps is None:
+            raise ValueError(f"register_model({name!r}, {target!r}): give num_train_timesteps")
+        add(target, num_train_timesteps)
+        return None
+
+    def wrap(cls: type) -> type:
+        add(cls, cls.num_train_timesteps)
         return cls
 
     return wrap
 
 
 def get_method(name: str, key: str = "method") -> MethodSpec:
-    importlib.import_module("distill.methods")
     if name not in _METHODS:
         raise _unknown(key, name, _METHODS)
     return _METHODS[name]
 
 
-def get_model(name: str, key: str = "model.family") -> type:
-    # Model plugins import diffusers; the config check only needs the names.
-    importlib.import_module("distill.models")
+def model_spec(name: str, key: str = "model.family") -> ModelSpec:
     if name not in _MODELS:
         raise _unknown(key, name, _MODELS)
     return _MODELS[name]
 
 
-def _unknown(key: str, name: str, table: dict[str, Any]) -> Exception:
-    from distill.config import ConfigError
+def get_model(name: str, key: str = "model.family") -> type:
+    """The plugin class of a family (imports its module, and so its model library)."""
+    return model_spec(name, key).load()
 
+
+def _unknown(key: str, name: str, table: dict[str, Any]) -> ConfigError:
     return ConfigError(f"{key}: unknown name {name!r}; registered: {', '.join(sorted(table)) or 'none'}")

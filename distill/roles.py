@@ -1,14 +1,21 @@
-"""Roles: the named models a method trains or consults (student, teacher, critic, ...)."""
+"""Roles: the named models a method trains or consults (student, teacher, critic, ...).
+
+A role holds named modules: its denoiser (the family's component name, e.g. `transformer`),
+and whatever else it trains or consults (a second expert, a classifier head, adapters). A
+trainable role's modules train in one DeepSpeed engine, are checkpointed with it, and the
+exported role's modules are exported by name.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.config import ConfigError
+from distill.errors import ConfigError
 
 
 class RoleError(ConfigError):
@@ -17,11 +24,12 @@ class RoleError(ConfigError):
 
 @dataclass
 class RoleHandle:
-    """One role: its modules, whether it trains, and (when it trains) its optimizer and engine.
+    """One role: its named modules, whether it trains, and (when it trains) its optimizer and engine.
 
-    The method writes `optimizer` and `lr_scheduler`; the trainer wraps the trainable module
-    in a DeepSpeed engine and sets `engine`. Without an engine (a notebook, a unit test),
-    `backward` and `step` fall back to plain PyTorch.
+    The method writes `optimizer` and `lr_scheduler` (and may `add_module` first, e.g. a head);
+    the trainer wraps the role's modules (`RoleModules`) in one DeepSpeed engine and sets
+    `engine`. Without an engine (a notebook, a unit test), `backward` and `step` fall back to
+    plain PyTorch.
     """
 
     name: str
@@ -35,11 +43,21 @@ class RoleHandle:
     """Optimizer steps applied so far (micro-batch steps inside an accumulation window don't count)."""
     last_grad_norm: float | None = field(default=None, repr=False)
 
-    def module(self, key: str = "transformer") -> nn.Module:
-        """The module to call for a forward pass (through the engine when there is one)."""
-        if self.engine is not None and self.engine.module is self.modules[key]:
-            return self.engine
+    def module(self, key: str = "transformer"):
+        """What to call for a forward pass of module `key`: through the engine when there is one."""
+        if key not in self.modules:
+            raise KeyError(f"role {self.name!r} has no module {key!r} (has: {', '.join(self.modules)})")
+        if self.engine is not None:
+            return functools.partial(self.engine, key)  # RoleModules.forward dispatches by name
         return self.modules[key]
+
+    def add_module(self, key: str, module: nn.Module) -> None:
+        """Give the role another module (before engines exist: it then trains in the role's engine)."""
+        if self.engine is not None:
+            raise RuntimeError(f"role {self.name!r}: add module {key!r} before its engine is built")
+        if key in self.modules:
+            raise ValueError(f"role {self.name!r} already has a module {key!r}")
+        self.modules[key] = module
 
     def parameters(self):
         for module in self.modules.values():
@@ -75,6 +93,16 @@ class RoleHandle:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+class RoleModules(nn.ModuleDict):
+    """A role's modules as the one nn.Module its engine wraps; `forward(key, ...)` calls module `key`.
+
+    State-dict keys are `<module>.<parameter>`, so engine checkpoints keep modules apart by name.
+    """
+
+    def forward(self, key: str, *args, **kwargs):
+        return self[key](*args, **kwargs)
 
 
 class RoleManager:

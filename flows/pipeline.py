@@ -20,7 +20,8 @@ from prefect import flow, get_run_logger
 
 from distill.config import build_section, load_config
 from distill.storage import open_store
-from flows.tasks import bench, cached, check_config, compare, make_shapes, preprocess, shards_missing, train
+from flows.tasks import (bench, cached, check_config, compare, list_checkpoints, make_shapes, mark_latest, preprocess,
+                         shards_missing, train)
 
 
 @dataclass(kw_only=True)
@@ -104,14 +105,12 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
     student = load_config(p.student.config, p.student.overrides)
     storage = {k: v for k, v in vars(student.storage).items() if v is not None}
     root = student.run.output.rstrip("/")
-    store = open_store(root, student.storage)
-    checkpoints = sorted({k.split("/")[1] for k in store.list("checkpoints") if k.endswith("/MANIFEST.json")})
     b = p.bench
-    reports = [bench(f"{root}/checkpoints/{c}", b.prompts, b.seeds, b.teacher_steps, b.training_iterations, storage)
-               for c in checkpoints]  # 4. every saved checkpoint
+    reports = [bench(c, b.prompts, b.seeds, b.teacher_steps, b.training_iterations, storage)
+               for c in list_checkpoints(root, storage)]  # 4. every saved checkpoint
     report = compare(reports, p.report or f"{root}/bench/compare", storage)  # 5. side by side
     if p.retrain:
-        open_store(base.run.output, base.storage).put_text(root.rsplit("/", 1)[1], "LATEST")
+        mark_latest(base.run.output, root.rsplit("/", 1)[1], storage)
     logger.info(f"comparison report: {report}")
     for r in reports:
         logger.info(f"benchmark report: {r}/report.md")

@@ -1,29 +1,50 @@
 """Prefect tasks over the distill library. Thin: check inputs, call distill, move artifacts.
 
-GPU-heavy work runs in subprocesses (the deepspeed launcher) or in the task's process; storage
-reads retry with explicit delays; preprocessing is cached on its inputs (the data, the
+GPU work (preprocess, train under the deepspeed launcher, bench) holds the worker host's
+`gpu:<host>` concurrency slot, so two GPU jobs never share a host's GPUs by accident. Only
+I/O tasks retry, with explicit delays; preprocessing is cached on its inputs (the data, the
 model section, and whether the shards it made are still there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 
-from distill.config import Config, ConfigError, load_config, to_dict
+from distill import registry
+from distill.config import Config, ConfigError, StorageConfig, load_config, to_dict
+from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint
 from distill.storage import open_store
 
 STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
+GPU_JOBS_PER_HOST = 1
+
+
+@contextlib.contextmanager
+def gpu_slot():
+    """Hold this host's GPU slot (a global concurrency limit `gpu:<host>`, made on first use) for the block."""
+    name = f"gpu:{socket.gethostname()}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:  # the first GPU job on this host makes the limit
+            client.upsert_global_concurrency_limit_by_name(name, GPU_JOBS_PER_HOST)
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 # Cached tasks are keyed on their inputs; a caller passes refresh_cache=True (see `cached`) when the
 # output they made is gone, so a deleted output is made again rather than served from cache.
@@ -65,7 +86,8 @@ def preprocess(config: str, overrides: list[str]) -> str:
     from distill.data.preprocess import preprocess as run_preprocess
 
     cfg = load_config(config, overrides)
-    manifest = run_preprocess(cfg, progress=False)
+    with gpu_slot():
+        manifest = run_preprocess(cfg, progress=False)
     get_run_logger().info(f"shards ready: {manifest}")
     return manifest
 
@@ -92,11 +114,6 @@ def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: b
     return cmd
 
 
-def _checkpoints(store, cfg: Config) -> list[str]:
-    return [f"{cfg.run.output.rstrip('/')}/checkpoints/{c}"
-            for c in sorted(k.split("/")[1] for k in store.list("checkpoints") if k.endswith("/MANIFEST.json"))]
-
-
 @task(name="train")
 def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | None = False) -> dict:
     """Run training under the deepspeed launcher; stream its log; publish each validation as an artifact.
@@ -108,12 +125,12 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     logger = get_run_logger()
     cfg = load_config(config, overrides)
     store = open_store(cfg.run.output, cfg.storage)
-    latest = store.get_text("checkpoints/latest").strip() if store.exists("checkpoints/latest") else None
-    if latest == f"step-{cfg.training.max_steps:06d}":
+    latest = latest_checkpoint(store)
+    if latest == checkpoint_name(cfg.training.max_steps):
         saved = yaml.safe_load(store.get_text(f"checkpoints/{latest}/config.yaml"))
         if saved == to_dict(cfg):
             logger.info(f"{cfg.run.output} finished with this config already ({latest}); not training again")
-            return {"output": cfg.run.output, "checkpoints": _checkpoints(store, cfg)}
+            return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
     if resume is None:
         resume = latest is not None
     cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume)
@@ -122,22 +139,23 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     # The launcher sets each rank's RANK / MASTER_* itself; none leak in from this process.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**env, "PYTHONUNBUFFERED": "1"})
-    last_check = 0.0
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and "\r" not in line:
-            logger.info(line)
-        if time.time() - last_check > 5:
-            publish_validations(cfg, store, published)
-            last_check = time.time()
-    code = proc.wait()
+    with gpu_slot():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env={**env, "PYTHONUNBUFFERED": "1"})
+        last_check = 0.0
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line and "\r" not in line:
+                logger.info(line)
+            if time.time() - last_check > 5:
+                publish_validations(cfg, store, published)
+                last_check = time.time()
+        code = proc.wait()
     publish_validations(cfg, store, published)
     if code != 0:
         raise RuntimeError(f"training exited with code {code}; the newest complete checkpoint stays resumable "
                            f"(run again with resume=True)")
-    return {"output": cfg.run.output, "checkpoints": _checkpoints(store, cfg)}
+    return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
 
 
 def publish_validations(cfg: Config, store, published: set[str]) -> None:
@@ -169,7 +187,8 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
             ]),
         )
         if rows:
-            keys = [k for k in ("step", "critic_loss", "generator_loss", "flow_matching_loss") if k in rows[-1]]
+            losses = registry.get_method(cfg.method).cls.headline_losses
+            keys = [k for k in ("step", *losses) if k in rows[-1]]
             create_table_artifact(key=_artifact_key(f"{cfg.run.name}-metrics"),
                                   table=[{k: r.get(k) for k in keys} for r in rows[-50:]],
                                   description=f"{cfg.run.name} metrics up to {step}")
@@ -180,16 +199,17 @@ def _artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-@task(name="bench-checkpoint", **STORAGE_RETRIES)
+@task(name="bench-checkpoint")
 def bench(checkpoint: str, prompts: int, seeds: int, teacher_steps: int, training_iterations: int,
           storage: dict | None = None) -> str:
+    """Benchmark one checkpoint (compute-heavy: no retries); publish its report.md as an artifact."""
     from distill.bench.inference import BenchSpec
     from distill.bench.run import bench_checkpoint
-    from distill.config import StorageConfig
 
     spec = BenchSpec(prompts=prompts, seeds=seeds, teacher_steps=teacher_steps)
-    report = bench_checkpoint(checkpoint, spec, storage=StorageConfig(**(storage or {})),
-                              training_iterations=training_iterations)
+    with gpu_slot():
+        report = bench_checkpoint(checkpoint, spec, storage=StorageConfig(**(storage or {})),
+                                  training_iterations=training_iterations)
     store, name = open_store(report.rsplit("/", 1)[0], StorageConfig(**(storage or {}))), checkpoint.rstrip("/").split("/")[-1]
     create_markdown_artifact(key=_artifact_key(f"bench-{name}"), markdown=store.get_text("report.md"),
                              description=f"benchmark of {checkpoint}")
@@ -202,7 +222,6 @@ def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
     import tempfile
 
     from distill.bench.report import compare as compare_reports
-    from distill.config import StorageConfig
 
     cfg = StorageConfig(**(storage or {}))
     local = []
@@ -217,3 +236,17 @@ def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
         out_store.upload_folder(work, "", last="compare.md")
     create_markdown_artifact(key="comparison", markdown=markdown, description="checkpoints side by side")
     return out_store.key_uri("compare.md")
+
+
+@task(name="list-checkpoints", **STORAGE_RETRIES)
+def list_checkpoints(output: str, storage: dict | None = None) -> list[str]:
+    """URIs of a run's complete checkpoints, oldest first."""
+    return checkpoint_uris(output, StorageConfig(**(storage or {})))
+
+
+@task(name="mark-latest", **STORAGE_RETRIES)
+def mark_latest(root: str, run: str, storage: dict | None = None) -> str:
+    """Name `run` in `<root>/LATEST`: the student that the next scheduled retraining starts from."""
+    store = open_store(root, StorageConfig(**(storage or {})))
+    store.put_text(run, "LATEST")
+    return store.key_uri("LATEST")

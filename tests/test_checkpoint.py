@@ -15,7 +15,7 @@ import yaml
 
 from distill.config import ConfigError
 from distill.storage import StorageError
-from distill.training.checkpoint import CheckpointError
+from distill.run_layout import CheckpointError
 from distill.training.trainer import Trainer
 from tiny import tiny_config, tiny_raw
 

@@ -92,7 +92,7 @@ class FakeAdapter:
     def predict_x0(self, handle, x_t, t, batch, *, conditional):
         return handle.modules["transformer"](x_t, t, conditional)
 
-    def predict_noise(self, handle, x_t, t, batch, *, conditional):
+    def predict_velocity(self, handle, x_t, t, batch, *, conditional):
         net = handle.modules["transformer"]
         return x_t * net.w if hasattr(net, "w") else net(x_t, t, conditional)
 

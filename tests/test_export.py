@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.cli import main as cli_main
-from distill.training.checkpoint import CheckpointError
+from distill.run_layout import CheckpointError
 from distill.training.trainer import Trainer
 from distill.validation import ValidationRequest
 from distill.video import to_uint8_frames
@@ -20,7 +20,7 @@ PROMPT, SEED = "a red circle moving left", 3
 
 def validator_frames(trainer, **size):
     request = ValidationRequest(sample_handle=trainer.roles["student"], prompts=[PROMPT], seeds=[SEED],
-                                output_dir=None, **size, **trainer.method.sampling())
+                                output_dir=None, sampling=trainer.method.sampling(), **size)
     return trainer.plugin.validator().run(request).frames[0]
 
 

@@ -8,6 +8,8 @@ import textwrap
 import pytest
 import torch
 
+import distill.methods  # noqa: F401  (registers the built-in methods)
+import distill.models  # noqa: F401  (registers the built-in model families)
 from distill import registry
 from distill.config import ConfigError, build_config
 from distill.training.trainer import Trainer
@@ -20,6 +22,7 @@ NEW_METHOD = textwrap.dedent('''
 
     from distill.methods.base import DistillMethod, make_optimizer, optimizer_settings
     from distill.registry import register_method
+    from distill.validation import SamplingSpec
 
 
     @dataclass(kw_only=True)
@@ -40,7 +43,7 @@ NEW_METHOD = textwrap.dedent('''
             make_optimizer(self.roles[self.method_cfg.role], **optimizer_settings(self.cfg.training))
 
         def sampling(self):
-            return {"sampler_kind": "ode", "num_inference_steps": 2}
+            return SamplingSpec(sampler_kind="ode", num_inference_steps=2)
 
         def train_step(self, raw_batch, iteration):
             batch = self.adapter.prepare_batch(raw_batch, latents_source="data")

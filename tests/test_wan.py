@@ -10,7 +10,7 @@ import torch
 
 from distill.config import ConfigError
 from distill.models.wan import WanPlugin
-from distill.validation import ValidationRequest
+from distill.validation import SamplingSpec, ValidationRequest
 from tiny import tiny_config
 
 
@@ -39,9 +39,14 @@ def record_calls(module):
     return calls, handle
 
 
+SAMPLING_KEYS = {"sampler_kind": "sampler_kind", "sampling_timesteps": "timesteps",
+                 "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale"}
+
+
 def request(handle, out_dir, **kw):
+    sampling = SamplingSpec(**{SAMPLING_KEYS[k]: kw.pop(k) for k in list(kw) if k in SAMPLING_KEYS})
     base = dict(sample_handle=handle, prompts=["a red circle moving left"], seeds=[3], num_frames=1, height=16,
-                width=16, output_dir=None if out_dir is None else str(out_dir))
+                width=16, output_dir=None if out_dir is None else str(out_dir), sampling=sampling)
     return ValidationRequest(**{**base, **kw})
 
 

@@ -11,7 +11,7 @@ Latency excludes a warm-up video and is the median over every (prompt, seed) vid
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import platform
 import random
 import statistics
@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from distill import registry
 from distill.bench.quality import load_metric, real_feature_set, score_videos
-from distill.config import Config, StorageConfig, build_config
-from distill.roles import RoleManager
+from distill.config import Config, StorageConfig
+from distill.device import resolve_device
+from distill.run_layout import CheckpointError, open_checkpoint
 from distill.storage import open_store
-from distill.training.checkpoint import MANIFEST, CheckpointError
-from distill.validation import ValidationRequest
+from distill.validation import SamplingSpec, ValidationRequest
 
 
 @dataclass(kw_only=True)
@@ -49,16 +48,6 @@ class BenchSpec:
     seed: int = 0
     video_format: str = "mp4"
     """Format of the sampled videos written beside the report (gif needs no ffmpeg)."""
-
-
-def load_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[Config, dict, object]:
-    store = open_store(uri.rstrip("/"), storage)
-    if not store.exists(MANIFEST):
-        raise CheckpointError(f"{uri}: not a complete checkpoint (no {MANIFEST})")
-    cfg = build_config(yaml.safe_load(store.get_text("config.yaml")))
-    if storage is not None:
-        cfg.storage = storage
-    return cfg, json.loads(store.get_text(MANIFEST)), store
 
 
 @dataclass
@@ -132,36 +121,27 @@ def _draw(per_item: list[str], load, n_prompts: int, n_real: int, per_prompt: in
                      [per_item[i] for i in held_out])
 
 
-def teacher_guidance(cfg: Config) -> float:
-    m = cfg.method_config
-    if hasattr(m, "standard_guidance_scale"):
-        return m.standard_guidance_scale
-    return getattr(m, "validation_guidance_scale", 1.0)
-
-
 def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig | None = None) -> tuple[list[dict], dict]:
     """Rows of the inference/quality table, and the report's metadata."""
-    cfg, manifest, store = load_checkpoint(uri, storage)
-    from distill.training.trainer import resolve_device
-
+    ckpt = open_checkpoint(uri, storage)
+    cfg = ckpt.config
     device = resolve_device(cfg)
     plugin = registry.get_model(cfg.model.family)(
         cfg, device=device, frozen_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    method = registry.get_method(cfg.method).cls(cfg, RoleManager({}), plugin)
-    sampling = method.sampling()
+    sampling = SamplingSpec.from_dict(ckpt.sampling)
     with tempfile.TemporaryDirectory() as tmp:
-        store.download_folder("export/transformer", Path(tmp) / "transformer")
-        student = plugin.frozen_role(manifest["export_role"], plugin.load_denoiser(str(Path(tmp) / "transformer"),
-                                                                                   key="checkpoint export"))
+        folder = ckpt.fetch_export(Path(tmp))
+        student = plugin.frozen_role(ckpt.export_role, {name: plugin.load_module(name, str(folder / name))
+                                                        for name in ckpt.export_modules})
     runs = [(student, sampling)]
     teacher_role = cfg.roles.get("teacher")
-    if teacher_role is not None and not teacher_role.trainable and manifest["export_role"] != "teacher":
+    if teacher_role is not None and not teacher_role.trainable and ckpt.export_role != "teacher":
         teacher = plugin.build_roles(["teacher"])["teacher"]
-        w = spec.teacher_guidance if spec.teacher_guidance is not None else teacher_guidance(cfg)
-        k = len(sampling["sampling_timesteps"]) if sampling.get("sampling_timesteps") else sampling["num_inference_steps"]
-        runs.append((teacher, {"sampler_kind": "ode", "num_inference_steps": spec.teacher_steps, "guidance_scale": w}))
-        if k != spec.teacher_steps:
-            runs.append((teacher, {"sampler_kind": "ode", "num_inference_steps": k, "guidance_scale": w}))
+        w = spec.teacher_guidance if spec.teacher_guidance is not None else ckpt.method["reference_guidance"]
+        reference = SamplingSpec(sampler_kind="ode", num_inference_steps=spec.teacher_steps, guidance_scale=w)
+        runs.append((teacher, reference))
+        if sampling.num_steps != spec.teacher_steps:
+            runs.append((teacher, dataclasses.replace(reference, num_inference_steps=sampling.num_steps)))
 
     d = cfg.data
     data = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed, per_prompt=spec.seeds)
@@ -174,10 +154,9 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
     rows = []
     for handle, how in runs:
         request = dict(sample_handle=handle, num_frames=d.num_frames, height=d.height, width=d.width,
-                       negative_prompt=d.negative_prompt, **how)
+                       negative_prompt=d.negative_prompt, sampling=how)
         validator.run(ValidationRequest(prompts=captions[:1], seeds=seeds[:1], output_dir=None, **request))  # warm-up
-        steps = len(how["sampling_timesteps"]) if how.get("sampling_timesteps") else how["num_inference_steps"]
-        label = f"{handle.name}-{how['sampler_kind']}-{steps}"
+        label = f"{handle.name}-{how.label}"
         result = validator.run(ValidationRequest(prompts=captions, seeds=seeds, output_dir=str(out_dir / "videos" / label),
                                                  video_format=spec.video_format, **request))
         prompt_ids = [i for i in range(len(captions)) for _ in seeds]
@@ -187,8 +166,8 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
         latency = statistics.median(result.seconds_per_video)
         denoise = statistics.median(result.denoising_seconds_per_video)
         rows.append({
-            "checkpoint": manifest["name"], "step": manifest["step"], "model": handle.name,
-            "sampler": how["sampler_kind"], "steps": steps, "guidance": how.get("guidance_scale", 1.0),
+            "checkpoint": ckpt.name, "step": ckpt.step, "model": handle.name,
+            "sampler": how.sampler_kind, "steps": how.num_steps, "guidance": how.guidance_scale,
             "nfe": result.function_evaluations_per_video, "latency_s": latency, "denoise_s": denoise,
             "decode_s": latency - denoise, "videos": len(result.frames), **quality,
             "contact_sheet": f"videos/{label}/contact.png",
@@ -197,11 +176,11 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
         prompt_ids = [data.data_captions.index(c) for c in data.data_captions]  # first index: an id per caption
         quality = score_videos(data.data_videos, data.data_captions, prompt_ids, real_features=real_features,
                                real_videos=real_videos, metrics=metrics)
-        rows.append({"checkpoint": manifest["name"], "step": manifest["step"], "model": "data", "sampler": "-",
+        rows.append({"checkpoint": ckpt.name, "step": ckpt.step, "model": "data", "sampler": "-",
                      "steps": 0, "videos": len(data.data_videos), **quality})
     meta = {
-        "checkpoint": uri, "name": manifest["name"], "step": manifest["step"], "method": cfg.method,
-        "card": card(device),
+        "checkpoint": uri, "name": ckpt.name, "step": ckpt.step, "method": cfg.method,
+        "headline_losses": ckpt.method["headline_losses"], "card": card(device),
         "versions": versions(), "prompts": captions, "seeds": seeds, "real_videos": len(real_videos),
         "size": {"num_frames": d.num_frames, "height": d.height, "width": d.width},
     }

@@ -31,7 +31,7 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict, training: dict | N
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     if training is not None:
         (out_dir / "training.json").write_text(json.dumps(training, indent=2))
-    plots = _plots(out_dir, table, metrics_history)
+    plots = _plots(out_dir, table, metrics_history, meta.get("headline_losses", []))
     (out_dir / "report.md").write_text(_markdown(table, meta, training, plots))
     return out_dir / "report.md"
 
@@ -77,7 +77,7 @@ def _markdown(table: pd.DataFrame, meta: dict, training: dict | None, plots: lis
     return "\n".join(lines) + "\n"
 
 
-def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None) -> list[str]:
+def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None, losses: list[str]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +106,7 @@ def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None) -> li
         made.append(name)
     if history:
         curves = pd.DataFrame(history)
-        columns = [c for c in ("critic_loss", "generator_loss", "flow_matching_loss") if c in curves]
+        columns = [c for c in losses if c in curves]
         if columns:
             fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
             for ax, column in zip(axes[0], columns):

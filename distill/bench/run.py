@@ -9,24 +9,17 @@ import json
 import tempfile
 from pathlib import Path
 
-from distill.bench.inference import BenchSpec, load_checkpoint, run_bench
+from distill.bench.inference import BenchSpec, run_bench
 from distill.bench.report import write_report
 from distill.config import StorageConfig
+from distill.run_layout import open_checkpoint, split_checkpoint_uri
 from distill.storage import open_store
-
-
-def run_root(checkpoint: str) -> tuple[str, str]:
-    """(run output URI, checkpoint name) of a `<output>/checkpoints/<name>` URI."""
-    parts = checkpoint.rstrip("/").split("/")
-    if len(parts) < 3 or parts[-2] != "checkpoints":
-        return "", parts[-1]
-    return "/".join(parts[:-2]), parts[-1]
 
 
 def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None,
                      storage: StorageConfig | None = None, training_iterations: int = 0) -> str:
     """Benchmark one checkpoint; returns where report.md is."""
-    root, name = run_root(checkpoint)
+    root, name = split_checkpoint_uri(checkpoint)
     target = out or (f"{root}/bench/{name}" if root else None)
     if target is None:
         raise ValueError(f"{checkpoint}: not under <output>/checkpoints/; pass --out")
@@ -50,7 +43,7 @@ def measure_training(checkpoint: str, iterations: int, storage: StorageConfig | 
     """Throughput of the checkpoint's run config (fresh weights; speed does not depend on them)."""
     from distill.bench.training import measure, throughput_trainer
 
-    cfg, _, _ = load_checkpoint(checkpoint, storage)
+    cfg = open_checkpoint(checkpoint, storage).config
     result = measure(throughput_trainer(cfg), iterations=iterations)
     result["config"] = {"batch_size": cfg.training.batch_size, "method": cfg.method}
     return result

@@ -72,12 +72,13 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
             counter.calls.clear()
             if device.type == "cuda" and i == warmup:
                 torch.cuda.reset_peak_memory_stats(device)
+            kind = trainer.method.iteration_kind(trainer.iteration)
             _sync(device)
             start = time.perf_counter()
-            values = trainer.train_iteration()
+            trainer.train_iteration()
             _sync(device)
             if i >= warmup:
-                rows.append({"seconds": time.perf_counter() - start, "student_update": bool(values.get("updated_student", 1)),
+                rows.append({"seconds": time.perf_counter() - start, "kind": kind,
                              "calls_with_grad": sum(counter.calls), "calls_no_grad": len(counter.calls) - sum(counter.calls)})
         module, kwargs = counter.example
     finally:
@@ -91,21 +92,20 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
     mean_seconds = statistics.fmean(r["seconds"] for r in rows)
 
     def median(key, kind):
-        vals = [r[key] for r in rows if r["student_update"] == kind]
+        vals = [r[key] for r in rows if r["kind"] == kind]
         return statistics.median(vals) if vals else None
 
+    kinds = trainer.method.update_kinds
     return {
         "iterations": len(rows),
-        "student_update_seconds": median("seconds", True),
-        "critic_only_seconds": median("seconds", False),
+        **{f"{kind}_seconds": median("seconds", kind) for kind in kinds},
         "mean_seconds_per_iteration": mean_seconds,
         "samples_per_second": samples / mean_seconds,
         "seconds_per_sample": mean_seconds / samples,
         "forward_flops": flops_per_forward,
         "matmul_peak_flops": peak,
         "mfu": sum(r["model_flops"] for r in rows) / sum(r["seconds"] for r in rows) / peak,
-        "student_update_mfu": median("mfu", True),
-        "critic_only_mfu": median("mfu", False),
+        **{f"{kind}_mfu": median("mfu", kind) for kind in kinds},
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "rows": rows,
     }

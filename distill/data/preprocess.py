@@ -125,7 +125,7 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
     """Write (or finish) the shard folder `data.shards` (local or s3://); returns its manifest's URI."""
     from tqdm import tqdm
 
-    from distill.training.trainer import resolve_device
+    from distill.device import resolve_device
 
     d = cfg.data
     if not d.shards:

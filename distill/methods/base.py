@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from distill.config import Config
 from distill.roles import RoleHandle, RoleManager, check_roles
-from distill.validation import ValidationRequest, ValidationResult, Validator
+from distill.validation import SamplingSpec, ValidationRequest, ValidationResult, Validator
+
+if TYPE_CHECKING:  # the config module loads methods to type method_config: no import back at run time
+    from distill.config import Config
 
 
 class DistillMethod(ABC):
@@ -18,9 +20,16 @@ class DistillMethod(ABC):
 
     The trainer calls `train_step(raw_batch, iteration)` once per micro-batch (gradient
     accumulation is the engines' business) and `log_validation` every N iterations.
+
+    What infrastructure (trainer, bench, flows, reports) may know of a method is declared here,
+    as class metadata and `sampling()`, and recorded in each checkpoint's manifest.
     """
 
     name: ClassVar[str]
+    headline_losses: ClassVar[tuple[str, ...]] = ()
+    """The losses `train_step` returns that a person watches: progress bars, artifacts, report curves."""
+    update_kinds: ClassVar[tuple[str, ...]] = ("update",)
+    """The kinds of iteration this method runs (see `iteration_kind`); throughput is reported per kind."""
 
     def __init__(
         self,
@@ -66,6 +75,21 @@ class DistillMethod(ABC):
     def build_optimizers(self) -> None:
         """Create each trainable role's optimizer and scheduler and write them onto its handle."""
 
+    def iteration_kind(self, iteration: int) -> str:
+        """Which of `update_kinds` iteration `iteration` is (e.g. DMD2: student_update or critic_only)."""
+        return self.update_kinds[0]
+
+    @classmethod
+    def reference_guidance(cls, method_cfg: Any) -> float:
+        """The standard CFG scale the teacher is judged at (bench baselines); 1 = no guidance."""
+        return 1.0
+
+    @classmethod
+    def metadata(cls, method_cfg: Any) -> dict:
+        """What a checkpoint records of its method, so readers need not build one."""
+        return {"name": cls.name, "headline_losses": list(cls.headline_losses), "update_kinds": list(cls.update_kinds),
+                "reference_guidance": cls.reference_guidance(method_cfg)}
+
     @property
     def export_role(self) -> str:
         """The role a checkpoint exports as the product (a diffusers transformer)."""
@@ -83,17 +107,17 @@ class DistillMethod(ABC):
         """Run one micro-batch of iteration `iteration`; return scalars to log (losses; the trainer adds grad norms and lrs)."""
 
     @abstractmethod
-    def sampling(self) -> dict:
-        """How the exported role samples: ValidationRequest's sampler_kind, timesteps or step count, guidance."""
+    def sampling(self) -> SamplingSpec:
+        """How the exported role samples: sampler, exact timesteps or step count, guidance."""
 
     def log_validation(self, iteration: int, output_dir: str | None) -> ValidationResult | None:
         """Sample validation videos with the exported role (every rank calls; a rank with an output_dir writes)."""
         if self.validator is None:
             return None
-        return self.validator.run(self.validation_request(self.roles[self.export_role], output_dir, **self.sampling()))
+        return self.validator.run(self.validation_request(self.roles[self.export_role], output_dir, self.sampling()))
 
-    def validation_request(self, handle: RoleHandle, output_dir: str | None, **sampling: Any) -> ValidationRequest:
-        """A request for the config's validation prompts, seeds and size; `sampling` picks the sampler."""
+    def validation_request(self, handle: RoleHandle, output_dir: str | None, sampling: SamplingSpec) -> ValidationRequest:
+        """A request for the config's validation prompts, seeds and size, sampled as `sampling` says."""
         v, d = self.cfg.validation, self.cfg.data
         return ValidationRequest(
             sample_handle=handle,
@@ -106,7 +130,7 @@ class DistillMethod(ABC):
             fps=v.fps,
             video_format=v.video_format,
             output_dir=output_dir,
-            **sampling,
+            sampling=sampling,
         )
 
     # -- state -----------------------------------------------------------------------------

@@ -1,3 +1,9 @@
-"""Model plugins. Each module registers itself; importing this package loads them all."""
+"""Model plugins. A family is one module here and one registration line below.
 
-from distill.models import wan  # noqa: F401
+Families are registered by path: the plugin's module (and its model library) is imported only
+when a plugin is built, never when a config is loaded.
+"""
+
+from distill.registry import register_model
+
+register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000)

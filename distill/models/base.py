@@ -1,44 +1,66 @@
-"""Model plugins: build-time assembly of a family's diffusers components into roles.
+"""The model-plugin contract: everything the trainer, methods, bench and export ask of a model family.
 
-A plugin builds one denoiser per role (from another role's weights, a folder, or the
-model's own weights), freezes the frozen roles, and serves the step-time primitives a
-method's adapter Protocol asks for. It knows nothing of any training method.
+A plugin assembles a family's components (denoiser, text encoder, VAE) into roles at build
+time and serves step-time primitives to methods. It knows nothing of any training method.
+A new family is one module that subclasses `ModelPlugin` (a flow-matching family subclasses
+`distill.models.flow_match.FlowMatchFamily`, which gives the noise primitives) plus a
+`register_model` line in `distill/models/__init__.py`.
+
+Conventions of every primitive: x0, x_t, noise are float32 tensors of shape (B, *latent_shape)
+on `device`; t is a (B,) float tensor of timesteps in [0, T] with T = num_train_timesteps,
+t = T the pure-noise end; σ(t) is the fraction of noise at t.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from distill.config import Config, ConfigError
+from distill.adapter import Batch, LatentsSource
+from distill.config import Config
+from distill.errors import ConfigError
 from distill.roles import RoleHandle, RoleManager
-from distill.training.checkpoint import resolve_export
+from distill.run_layout import resolve_export
+from distill.validation import SamplingSpec, Validator
 
 
 class ModelPlugin(ABC):
     num_train_timesteps: ClassVar[int] = 1000
+    """T: timesteps of the training noise schedule."""
     denoiser_key: ClassVar[str] = "transformer"
+    """The name of a role's denoiser module (the family's diffusers component name)."""
+
+    noise_scheduler: Any
+    """The family's diffusers training scheduler; `.timesteps` is its T-step (shifted) schedule, noisiest first."""
+    latents_key: str
+    """The data field that holds x0 ("vae_latent", or "pixels" in pixel space)."""
+    latent_shape: tuple[int, ...]
+    """(C, F, H, W) of one training sample's x0 at the configured video size."""
 
     def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         self.device = torch.device(device)
         self.frozen_dtype = frozen_dtype
+        """dtype of frozen roles and components (bf16 on GPU)."""
 
-    # -- what a family provides ------------------------------------------------------------
+    # -- building roles --------------------------------------------------------------------
 
     @abstractmethod
     def new_denoiser(self) -> nn.Module:
-        """The model's own denoiser weights (from model.path, or a preset's random init)."""
+        """The model's own denoiser weights (from model.path, or a preset's random init), fp32."""
 
     @abstractmethod
     def load_denoiser(self, path: str, key: str) -> nn.Module:
-        """A denoiser from a folder; `key` names the config key for errors."""
+        """A denoiser from a folder, fp32; `key` names the config key for errors."""
 
-    # -- roles -----------------------------------------------------------------------------
+    def load_module(self, name: str, folder: str) -> nn.Module:
+        """Module `name` of an exported role, from its folder; every exported module is a denoiser by default."""
+        return self.load_denoiser(folder, key=f"export/{name}")
 
     def build_roles(self, names: list[str] | None = None) -> RoleManager:
         """A handle per configured role (or per role in `names`), weights resolved through `init_from`,
@@ -57,9 +79,10 @@ class ModelPlugin(ABC):
                 modules[name] = self.new_denoiser()
             elif source in roles:
                 modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
-            else:  # a checkpoint (or a run's checkpoints/latest) means its exported transformer
-                source = resolve_export(source, self.cfg.storage) or source
-                modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
+            else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoiser
+                export = resolve_export(source, self.cfg.storage)
+                path = str(Path(export) / self.denoiser_key) if export else source
+                modules[name] = self.load_denoiser(path, key=f"roles.{name}.init_from")
         handles = {}
         for name, role in roles.items():
             if name not in wanted:
@@ -74,10 +97,70 @@ class ModelPlugin(ABC):
             handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
         return RoleManager(handles)
 
-    def frozen_role(self, name: str, module: nn.Module) -> RoleHandle:
-        """A frozen handle around a module (e.g. a checkpoint's exported student, for sampling)."""
-        module = cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
-        return RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=False)
+    def frozen_role(self, name: str, modules: dict[str, nn.Module]) -> RoleHandle:
+        """A frozen handle around modules (e.g. a checkpoint's exported student, for sampling)."""
+        for module in modules.values():
+            cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
+        return RoleHandle(name=name, modules=dict(modules), trainable=False)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        """What preprocessed data depends on (encoders and their settings); shards made under another are refused."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} does not preprocess data")
+
+    def encode_prompts(self, prompts: list[str], cache: bool = True) -> torch.Tensor:
+        """Text embeddings (B, L, D), fp32; `cache` keeps each prompt's embedding for reuse."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} has no text encoder")
+
+    def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) videos in [-1, 1] -> x0 (B, *latent_shape), fp32."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} does not encode videos")
+
+    def video_latent_shape(self, num_frames: int, height: int, width: int, key: str = "validation") -> tuple[int, ...]:
+        """x0's (C, F, H, W) for a video of this size; a size the model cannot take is a ConfigError naming `key`."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} has no video size")
+
+    # -- step-time primitives (what methods' adapter Protocols ask for) --------------------
+
+    @abstractmethod
+    def prepare_batch(self, raw: dict, *, latents_source: LatentsSource) -> Batch:
+        """A loader batch on the device: conditional and unconditional embeddings, and x0 from the data
+        (`latents_source="data"`; a BatchError when the batch has no `latents_key`) or zeros of the right shape."""
+
+    @abstractmethod
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ(t), the fraction of noise at timestep t (B,), in [0, 1]."""
+
+    @abstractmethod
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: x0 noised to timestep t."""
+
+    @abstractmethod
+    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Map uniform timesteps in [0, T] through the family's timestep shift (where training spends its steps)."""
+
+    @abstractmethod
+    def predict_velocity(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,
+                         conditional: bool) -> torch.Tensor:
+        """The role's denoiser output at (x_t, t): the flow velocity v = ε − x0, fp32; the prompt's
+        embeddings when `conditional`, the negative prompt's otherwise. Runs through the role's engine."""
+
+    @abstractmethod
+    def predict_x0(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,
+                   conditional: bool) -> torch.Tensor:
+        """The role's estimate of x0 at (x_t, t), fp32."""
+
+    # -- sampling and export ---------------------------------------------------------------
+
+    def validator(self) -> Validator:
+        """The sampler of ValidationRequests (validation videos, bench)."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} has no sampler")
+
+    def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec) -> dict:
+        """Write a stock pipeline folder around an exported role's modules (`modules_folder/<name>/`),
+        with a scheduler set up for `sampling`; returns the record of how to load and call it."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} cannot export a pipeline")
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:

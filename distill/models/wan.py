@@ -14,14 +14,16 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from torch import nn
 
 from distill.adapter import Batch, BatchError, LatentsSource
-from distill.config import Config, ConfigError
-from distill.models.base import ModelPlugin, cast_frozen
-from distill.registry import register_model
+from distill.config import Config
+from distill.errors import ConfigError
+from distill.models.base import cast_frozen
+from distill.models.flow_match import FlowMatchFamily
 from distill.roles import RoleHandle
+from distill.validation import SamplingSpec
 
 _TINY_TEXT = dict(
     vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -81,9 +83,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@register_model("wan")
-class WanPlugin(ModelPlugin):
-    """Builds Wan roles and serves the adapter primitives (prepare_batch, add_noise, predict_*)."""
+class WanPlugin(FlowMatchFamily):
+    """Builds Wan roles and serves the step-time primitives (flow matching: see FlowMatchFamily)."""
 
     def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
         super().__init__(cfg, device=device, frozen_dtype=frozen_dtype)
@@ -92,7 +93,6 @@ class WanPlugin(ModelPlugin):
             raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
         if m.path is not None and os.path.sep in m.path and not Path(m.path).is_dir():
             raise ConfigError(f"model.path: {m.path} is not a folder")
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=m.flow_shift)
         self.vae = None if m.pixel_space else self._frozen(self._load_vae())
         self.tokenizer = self._load_tokenizer()
         self._text_encoder: nn.Module | None = None  # built on first use: batches may carry embeddings
@@ -253,20 +253,8 @@ class WanPlugin(ModelPlugin):
             from_data = False
         return Batch(latents=latents, prompt_embeds=cond, negative_prompt_embeds=uncond, from_data=from_data)
 
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """Flow-matching sigma of timestep t (the scheduler's timesteps are sigma · T)."""
-        return t.float() / self.num_train_timesteps
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = _per_sample(self.sigma(t), x0)
-        return (1.0 - sigma) * x0 + sigma * noise
-
-    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        shift = self.noise_scheduler.config.shift
-        s = self.sigma(t)
-        return shift * s / (1.0 + (shift - 1.0) * s) * self.num_train_timesteps
-
-    def predict_noise(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *, conditional: bool) -> torch.Tensor:
+    def predict_velocity(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,
+                         conditional: bool) -> torch.Tensor:
         """The transformer's flow output v = ε − x0, in fp32."""
         module = handle.module(self.denoiser_key)
         dtype = next(handle.modules[self.denoiser_key].parameters()).dtype
@@ -276,10 +264,6 @@ class WanPlugin(ModelPlugin):
         )[0]
         return out.float()
 
-    def predict_x0(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *, conditional: bool) -> torch.Tensor:
-        v = self.predict_noise(handle, x_t, t, batch, conditional=conditional)
-        return x_t.float() - _per_sample(self.sigma(t), v) * v
-
     # -- sampling and export ---------------------------------------------------------------
 
     def validator(self):
@@ -287,19 +271,11 @@ class WanPlugin(ModelPlugin):
 
         return WanValidator(self)
 
-    def export_pipeline(self, transformer_folder: Path, out_dir: Path, sampling: dict) -> dict:
-        """Save a stock WanPipeline folder: this transformer, the shared components, a scheduler for `sampling`."""
-        from distill.models.wan_sampling import fit_flow_match_scheduler
-
-        transformer = WanTransformer3DModel.from_pretrained(transformer_folder, torch_dtype=torch.float32)
-        stochastic = sampling["sampler_kind"] == "sde"
-        trained = sampling.get("sampling_timesteps")
-        if trained:
-            scheduler, deviation = fit_flow_match_scheduler(trained, stochastic=stochastic, T=self.num_train_timesteps)
-        else:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config, stochastic_sampling=stochastic)
-            scheduler.set_timesteps(sampling["num_inference_steps"])
-            deviation = 0.0
+    def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec) -> dict:
+        """Save a stock WanPipeline folder: the role's transformer, the shared components, a scheduler for `sampling`."""
+        transformer = WanTransformer3DModel.from_pretrained(Path(modules_folder) / self.denoiser_key,
+                                                            torch_dtype=torch.float32)
+        scheduler, deviation = self.export_scheduler(sampling)
         steps = len(scheduler.timesteps)
         pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                            scheduler=scheduler, transformer=transformer)
@@ -310,17 +286,14 @@ class WanPlugin(ModelPlugin):
         return {
             # WanPipeline lists no VAE as optional: a pixel-space folder loads with from_pretrained(out, vae=None).
             "load": {"vae": None} if self.vae is None else {},
-            "call": {"num_inference_steps": steps, "guidance_scale": sampling.get("guidance_scale", 1.0),
+            "call": {"num_inference_steps": steps, "guidance_scale": sampling.guidance_scale,
                      "max_sequence_length": self.cfg.model.max_text_length,
                      "output_type": "latent (pixels in [-1, 1])" if self.vae is None else "np"},
-            "sampler_kind": sampling["sampler_kind"],
-            "timesteps_trained": trained,
+            "sampler_kind": sampling.sampler_kind,
+            "timesteps_trained": None if sampling.timesteps is None else list(sampling.timesteps),
             "timesteps_exported": [float(t) for t in scheduler.timesteps],
             "max_timestep_deviation": deviation,
             "pixel_space": self.vae is None,
             "negative_prompt": self.cfg.data.negative_prompt,
         }
 
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(like.device).view(-1, *[1] * (like.ndim - 1))

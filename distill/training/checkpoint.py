@@ -1,18 +1,12 @@
 """Checkpoints of a run, through the artifact store, and exact resume.
 
-<output>/checkpoints/
-    step-000500/
-        roles/<role>/state/          DeepSpeed engine checkpoint: weights, optimizer (one partition per
-                                     rank), lr scheduler
-        export/transformer/          the method's exported role (the student) as a diffusers folder
-        trainer/rank-00000.pt        iteration, method state (its generators), data position, RNG states
-        config.yaml
-        MANIFEST.json                written last, once every rank's files are in the store
-    latest                           names the newest complete checkpoint; written after its manifest
-
+The layout (names, manifest, `latest`) is `distill.run_layout`'s. A save writes, in order:
+each trainable role's DeepSpeed state (collective), the exported role's modules as diffusers
+folders, every rank's stateful objects (`trainer/rank-N.pt`: a dict of name → state_dict),
+the config, and, once every rank's files are in the store, MANIFEST.json and then `latest`.
 A checkpoint without MANIFEST.json is incomplete (a run died while saving it) and is never
-resumed from; `latest` only ever names complete ones. The newest `keep_checkpoints` are
-kept, plus marked ones: every `keep_checkpoint_every` steps, or any with a KEEP file.
+resumed from. The newest `keep_checkpoints` are kept, plus marked ones: every
+`keep_checkpoint_every` steps, or any with a KEEP file.
 """
 
 from __future__ import annotations
@@ -21,28 +15,61 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 
-from distill.config import ConfigError, to_dict
-from distill.errors import InputError
+from distill.errors import ConfigError
+from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, CheckpointError, checkpoint_name,
+                                list_checkpoints, resolve_checkpoint)
 from distill.storage import ArtifactStore
 
-MANIFEST = "MANIFEST.json"
-KEEP = "KEEP"
-ROOT = "checkpoints"
+__all__ = ["CheckpointContents", "CheckpointError", "CheckpointManager", "RNGState", "Stateful"]
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-class CheckpointError(InputError):
-    """A checkpoint is missing, incomplete or does not fit this run; the message names it."""
+class RNGState:
+    """The process-wide generators (torch, CUDA, numpy, Python) as a stateful object."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint holds, as the trainer assembles it."""
+
+    step: int
+    engines: dict[str, Any]
+    """Trainable role name → its DeepSpeed engine (weights, optimizer partitions, scheduler)."""
+    states: dict[str, Stateful]
+    """Per-rank state by name (loop, method, data position, RNG): saved and restored through state_dict."""
+    export: dict[str, nn.Module]
+    """The exported role's modules by name, saved as diffusers folders under export/<name>/."""
+    config: dict
+    """The resolved run config."""
+    manifest: dict = field(default_factory=dict)
+    """Further manifest fields (export role, sampling, method metadata) for readers of the checkpoint."""
 
 
 def _barrier() -> None:
@@ -51,10 +78,11 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    def __init__(self, store: ArtifactStore, local_root: Path, *, rank: int, world_size: int):
+    def __init__(self, store: ArtifactStore, local_root: Path, *, rank: int, world_size: int, zero_stage: int = 0):
         self.store = store
         self.local_root = Path(local_root)
         self.rank, self.world_size = rank, world_size
+        self.zero_stage = zero_stage
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -64,9 +92,9 @@ class CheckpointManager:
             return Path(self.store.root) / ROOT / name
         return self.local_root / ".staging" / f"rank-{self.rank:05d}" / ROOT / name
 
-    def save(self, trainer) -> str:
-        """Save every rank's state; returns the checkpoint's name once it is complete and `latest`."""
-        name = checkpoint_name(trainer.iteration)
+    def save(self, contents: CheckpointContents, *, keep_last: int, keep_every: int = 0) -> str:
+        """Save every rank's part (a collective call); returns the name once it is complete and `latest`."""
+        name = checkpoint_name(contents.step)
         prefix = f"{ROOT}/{name}"
         staging = self._staging(name)
         if self.rank == 0 and self.store.exists(f"{prefix}/{MANIFEST}"):
@@ -76,53 +104,45 @@ class CheckpointManager:
         _barrier()
 
         # 1. Engines (collective): weights, optimizer partitions, schedulers.
-        for handle in trainer.roles.trainable():
-            handle.engine.save_checkpoint(str(staging / "roles" / handle.name), tag="state", save_latest=False)
-        # 2. The exported role as a diffusers folder.
-        self._save_export(trainer, staging / "export" / "transformer")
-        # 3. This rank's loop state.
-        state = {
-            "iteration": trainer.iteration,
-            "method": trainer.method.state_dict(),
-            "loader": trainer.batches.state_dict(),
-            "rng": _rng_state(),
-        }
+        for role, engine in contents.engines.items():
+            engine.save_checkpoint(str(staging / "roles" / role), tag="state", save_latest=False)
+        # 2. The exported role's modules as diffusers folders.
+        for key, module in contents.export.items():
+            self._save_module(module, staging / EXPORT / key)
+        # 3. This rank's stateful objects.
         (staging / "trainer").mkdir(parents=True, exist_ok=True)
-        torch.save(state, staging / "trainer" / f"rank-{self.rank:05d}.pt")
+        torch.save({k: s.state_dict() for k, s in contents.states.items()}, staging / "trainer" / f"rank-{self.rank:05d}.pt")
         if self.rank == 0:
-            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.cfg), sort_keys=False))
+            (staging / "config.yaml").write_text(yaml.safe_dump(contents.config, sort_keys=False))
         # 4. Into the store, every rank its own files; then the manifest and `latest`, by rank 0.
         if not self.store.is_local:
             self.store.upload_folder(staging, prefix)
             shutil.rmtree(staging)
         _barrier()
         if self.rank == 0:
-            files = self.store.list(prefix)
-            step = trainer.iteration
-            every = trainer.cfg.training.keep_checkpoint_every
             manifest = {
+                "format": FORMAT,
                 "name": name,
-                "step": step,
+                "step": contents.step,
                 "world_size": self.world_size,
-                "zero_stage": trainer.cfg.deepspeed.get("zero_optimization", {}).get("stage", 0),
-                "roles": [h.name for h in trainer.roles.trainable()],
-                "export_role": trainer.method.export_role,
-                "files": files,
+                "zero_stage": self.zero_stage,
+                "roles": list(contents.engines),
+                "export_modules": list(contents.export),
+                "states": list(contents.states),
+                **contents.manifest,
+                "files": self.store.list(prefix),
                 "created": time.time(),
             }
             self.store.put_text(json.dumps(manifest, indent=1), f"{prefix}/{MANIFEST}")
-            if every and step % every == 0:
+            if keep_every and contents.step % keep_every == 0:
                 self.store.put_text("", f"{prefix}/{KEEP}")
-            self.store.put_text(name, f"{ROOT}/latest")
-            self.prune(trainer.cfg.training.keep_checkpoints)
+            self.store.put_text(name, f"{ROOT}/{LATEST}")
+            self.prune(keep_last)
         _barrier()
         return name
 
-    def _save_export(self, trainer, folder: Path) -> None:
-        handle = trainer.roles[trainer.method.export_role]
-        module = handle.modules[trainer.plugin.denoiser_key]
-        stage = trainer.cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
-        if stage == 3:  # partitioned weights: gather them (collective), rank 0 writes
+    def _save_module(self, module: nn.Module, folder: Path) -> None:
+        if self.zero_stage == 3:  # partitioned weights: gather them (collective), rank 0 writes
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -146,42 +166,37 @@ class CheckpointManager:
 
     def list(self) -> tuple[list[str], list[str]]:
         """(complete, incomplete) checkpoint names, oldest first."""
-        names = sorted({k.split("/")[1] for k in self.store.list(ROOT) if k.count("/") >= 2})
-        complete = [n for n in names if self.store.exists(f"{ROOT}/{n}/{MANIFEST}")]
-        return complete, [n for n in names if n not in complete]
+        return list_checkpoints(self.store)
 
     def resolve(self, name: str) -> str:
-        if name == "latest":
-            if not self.store.exists(f"{ROOT}/latest"):
-                raise CheckpointError(f"{self.store.key_uri(ROOT)}: no checkpoint to resume from (no `latest`)")
-            name = self.store.get_text(f"{ROOT}/latest").strip()
-        if not self.store.exists(f"{ROOT}/{name}/{MANIFEST}"):
-            complete, _ = self.list()
-            raise CheckpointError(f"{self.store.key_uri(f'{ROOT}/{name}')}: not a complete checkpoint "
-                                  f"(complete ones: {', '.join(complete) or 'none'})")
-        return name
+        return resolve_checkpoint(self.store, name)
 
-    def load(self, trainer, name: str) -> str:
-        """Restore engines, method, data position and RNG from checkpoint `name` (or 'latest')."""
+    def load(self, name: str, contents: CheckpointContents) -> str:
+        """Restore engines and every stateful object from checkpoint `name` (or 'latest'); returns its name."""
         name = self.resolve(name)
         prefix = f"{ROOT}/{name}"
+        where = self.store.key_uri(prefix)
         manifest = json.loads(self.store.get_text(f"{prefix}/{MANIFEST}"))
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: checkpoint layout {manifest.get('format', 1)}, this distill resumes "
+                                  f"layout {FORMAT}; start a new run (init_from the checkpoint keeps its weights)")
         if manifest["world_size"] != self.world_size:
-            raise CheckpointError(f"{self.store.key_uri(prefix)}: saved by {manifest['world_size']} ranks, this run "
+            raise CheckpointError(f"{where}: saved by {manifest['world_size']} ranks, this run "
                                   f"has {self.world_size}; resume with the same number of ranks")
         saved = yaml.safe_load(self.store.get_text(f"{prefix}/config.yaml"))
-        _check_same_run(saved, to_dict(trainer.cfg), self.store.key_uri(prefix))
+        _check_same_run(saved, contents.config, where)
         folder = self._fetch(prefix)
-        for handle in trainer.roles.trainable():
-            path, _ = handle.engine.load_checkpoint(str(folder / "roles" / handle.name), tag="state",
-                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        for role, engine in contents.engines.items():
+            path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag="state",
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
             if path is None:
-                raise CheckpointError(f"{self.store.key_uri(prefix)}: no engine state for role {handle.name!r}")
-        state = torch.load(folder / "trainer" / f"rank-{self.rank:05d}.pt", weights_only=False)
-        trainer.iteration = state["iteration"]
-        trainer.method.load_state_dict(state["method"])
-        trainer.batches.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+                raise CheckpointError(f"{where}: no engine state for role {role!r}")
+        states = torch.load(folder / "trainer" / f"rank-{self.rank:05d}.pt", weights_only=False)
+        missing = [k for k in contents.states if k not in states]
+        if missing:
+            raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(states)})")
+        for key, stateful in contents.states.items():
+            stateful.load_state_dict(states[key])
         return name
 
     def _fetch(self, prefix: str) -> Path:
@@ -211,42 +226,3 @@ def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
         elif a != b:
             raise ConfigError(f"{dotted}: {b!r} now, {a!r} in the checkpoint {where}; resuming needs the same "
                               f"value (only max_steps, logging, checkpointing, validation and storage may change)")
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def resolve_export(path: str, storage=None) -> str | None:
-    """The exported transformer folder of a checkpoint (`.../checkpoints/step-000500`) or of a run's
-    newest one (`.../checkpoints/latest`), local or s3:// (downloaded); None for any other path."""
-    import tempfile
-
-    from distill.storage import open_store
-
-    path = path.rstrip("/")
-    if path.endswith("/latest"):
-        root = path[: -len("/latest")]
-        store = open_store(root, storage)
-        if not store.exists("latest"):
-            raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
-        path = f"{root}/{store.get_text('latest').strip()}"
-    store = open_store(path, storage)
-    if not store.exists(MANIFEST):
-        return None
-    if store.is_local:
-        return str(Path(store.root) / "export" / "transformer")
-    local = Path(tempfile.mkdtemp(prefix="distill-export-")) / "transformer"
-    store.download_folder("export/transformer", local)
-    return str(local)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from distill.config import Config
-from distill.roles import RoleHandle, RoleManager
+from distill.roles import RoleHandle, RoleManager, RoleModules
 
 
 def deepspeed_config(cfg: Config, handle: RoleHandle, bf16: bool) -> dict:
@@ -22,15 +22,12 @@ def deepspeed_config(cfg: Config, handle: RoleHandle, bf16: bool) -> dict:
 
 
 def wrap_in_engines(roles: RoleManager, cfg: Config, bf16: bool) -> None:
-    """Hand each trainable role's module, optimizer and scheduler to `deepspeed.initialize`."""
+    """Hand each trainable role's modules (as one RoleModules), optimizer and scheduler to `deepspeed.initialize`."""
     import deepspeed
 
     for handle in roles.trainable():
-        if len(handle.modules) != 1:
-            raise ValueError(f"role {handle.name!r}: one DeepSpeed engine wraps one module, got {list(handle.modules)}")
-        (module,) = handle.modules.values()
         engine, _, _, _ = deepspeed.initialize(
-            model=module,
+            model=RoleModules(handle.modules),
             optimizer=handle.optimizer,
             lr_scheduler=handle.lr_scheduler,
             config=deepspeed_config(cfg, handle, bf16),

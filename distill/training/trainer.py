@@ -20,22 +20,14 @@ from distill.config import Config, ConfigError, to_dict
 from distill.data.loader import BatchLoader
 from distill.data.prompts import PromptDataset
 from distill.data.shards import ShardDataset
+from distill.device import resolve_device
 from distill.storage import open_store
+from distill.training.checkpoint import CheckpointContents, CheckpointManager, RNGState
 from distill.training.distributed import all_reduce_mean, init_distributed
 from distill.training.engines import wrap_in_engines
-from distill.training.checkpoint import CheckpointManager
 from distill.training.metrics import MetricsLog, truncate_metrics
 from distill.training.run_folder import RunFolder
 from distill.video import check_video_format
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.training.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device: cuda was asked for, but no GPU is visible")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
 
 
 class Trainer:
@@ -51,7 +43,8 @@ class Trainer:
         self.folder.store.check()
         self.run_dir = self.folder.local
         self.checkpoints = CheckpointManager(self.folder.store, self.folder.local, rank=self.dist.rank,
-                                             world_size=self.dist.world_size)
+                                             world_size=self.dist.world_size,
+                                             zero_stage=cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
         if resume is not None:
             resume = self.checkpoints.resolve(resume)
         elif self.checkpoints.list()[0]:
@@ -71,7 +64,8 @@ class Trainer:
 
         # 2. Roles, method, engines.
         self.roles = self.plugin.build_roles()
-        self.method = spec.cls(cfg, self.roles, self.plugin, self.plugin.validator(), rank=self.dist.rank)
+        validator = self.plugin.validator() if cfg.validation.every else None
+        self.method = spec.cls(cfg, self.roles, self.plugin, validator, rank=self.dist.rank)
         self.method.build()
         wrap_in_engines(self.roles, cfg, self.bf16)
 
@@ -80,7 +74,7 @@ class Trainer:
         )
         self.iteration = 0
         if resume is not None:
-            self.resumed_from = self.checkpoints.load(self, resume)
+            self.resumed_from = self.checkpoints.load(resume, self.checkpoint_contents())
             if self.dist.is_main and self.folder.fetch("metrics.jsonl"):
                 truncate_metrics(self.run_dir, self.iteration)  # drop steps the dead run logged after its checkpoint
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main, purge_step=self.iteration + 1)
@@ -116,6 +110,27 @@ class Trainer:
                     f"(see `distill preprocess`), or use a prompt-only mode (dmd2 rollout_mode: simulate)"
                 )
 
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+
+    def checkpoint_contents(self) -> CheckpointContents:
+        """What a checkpoint saves and a resume restores, and what readers of it need to know."""
+        method, export_role = self.method, self.method.export_role
+        return CheckpointContents(
+            step=self.iteration,
+            engines={h.name: h.engine for h in self.roles.trainable()},
+            states={"trainer": self, "method": method, "loader": self.batches, "rng": RNGState()},
+            export=self.roles[export_role].modules,
+            config=to_dict(self.cfg),
+            manifest={"export_role": export_role, "sampling": method.sampling().to_dict(),
+                      "method": method.metadata(self.cfg.method_config)},
+        )
+
     # -- steps -----------------------------------------------------------------------------
 
     def train_iteration(self) -> dict[str, float]:
@@ -145,7 +160,9 @@ class Trainer:
             self.metrics.flush()
             self.folder.sync("metrics.jsonl")
             self.folder.sync("tb")
-        return self.checkpoints.save(self)
+        tr = self.cfg.training
+        return self.checkpoints.save(self.checkpoint_contents(), keep_last=tr.keep_checkpoints,
+                                     keep_every=tr.keep_checkpoint_every)
 
     def validation_due(self) -> bool:
         every = self.cfg.validation.every
@@ -186,7 +203,7 @@ class Trainer:
                 if self.checkpoint_due():
                     self.save_checkpoint()
                 bar.update(1)
-                bar.set_postfix({k: f"{values[k]:.4g}" for k in ("critic_loss", "generator_loss", "flow_matching_loss") if k in values})
+                bar.set_postfix({k: f"{values[k]:.4g}" for k in self.method.headline_losses if k in values})
         finally:
             bar.close()
             self.metrics.close()

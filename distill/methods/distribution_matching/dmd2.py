@@ -16,16 +16,20 @@ Guidance convention: `real = uncond + w (cond − uncond)` with w = real_score_g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from distill.adapter import Batch, LatentsSource
-from distill.config import Config, ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
+from distill.validation import SamplingSpec
+
+if TYPE_CHECKING:
+    from distill.config import Config
 
 
 @dataclass(kw_only=True)
@@ -80,13 +84,16 @@ class DMD2Adapter(Protocol):
 
     def prepare_batch(self, raw: dict, *, latents_source: LatentsSource) -> Batch: ...
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
-    def predict_noise(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
+    def predict_velocity(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
     def predict_x0(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
     def shift_timestep(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 @register_method("dmd2", DMD2Config)
 class DMD2(DistillMethod):
+    headline_losses = ("critic_loss", "generator_loss")
+    update_kinds = ("student_update", "critic_only")
+
     @classmethod
     def required_roles(cls, method_cfg: DMD2Config) -> dict[str, bool]:
         return {"student": True, "teacher": False, "critic": True}
@@ -96,7 +103,7 @@ class DMD2(DistillMethod):
         super().check_config(cfg)
         from distill import registry
 
-        T = registry.get_model(cfg.model.family).num_train_timesteps
+        T = registry.model_spec(cfg.model.family).num_train_timesteps
         for i, s in enumerate(cfg.method_config.dmd_denoising_steps):
             if not 0 <= s <= T:
                 raise ConfigError(f"method_config.dmd_denoising_steps[{i}]: step {s} is outside [0, {T}]")
@@ -130,6 +137,13 @@ class DMD2(DistillMethod):
 
     def is_student_update(self, iteration: int) -> bool:
         return iteration % self.method_cfg.generator_update_interval == 0
+
+    def iteration_kind(self, iteration: int) -> str:
+        return "student_update" if self.is_student_update(iteration) else "critic_only"
+
+    @classmethod
+    def reference_guidance(cls, method_cfg: DMD2Config) -> float:
+        return method_cfg.standard_guidance_scale
 
     def train_step(self, raw_batch: dict, iteration: int) -> dict[str, float]:
         batch = self.adapter.prepare_batch(raw_batch, latents_source=self.latents_source(self.method_cfg))
@@ -207,14 +221,14 @@ class DMD2(DistillMethod):
         t = self.sample_timesteps(batch.size, x0_sample.device, m.min_timestep_ratio, m.max_timestep_ratio)
         noise = self.randn_like(x0_sample)
         x_t = self.adapter.add_noise(x0_sample, noise, t)
-        v = self.adapter.predict_noise(self.critic, x_t, t, batch, conditional=True)
+        v = self.adapter.predict_velocity(self.critic, x_t, t, batch, conditional=True)
         return F.mse_loss(v.float(), (noise - x0_sample).float())
 
     # -- validation ---------------------------------------------------------------------------
 
-    def sampling(self) -> dict:
+    def sampling(self) -> SamplingSpec:
         # The student samples with exactly the steps it trains on: never written twice in a config.
-        return {"sampler_kind": "sde", "sampling_timesteps": self._denoising_steps().tolist(), "guidance_scale": 1.0}
+        return SamplingSpec(sampler_kind="sde", timesteps=tuple(self._denoising_steps().tolist()), guidance_scale=1.0)
 
 
 def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from distill.adapter import Batch, LatentsSource
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
+from distill.validation import SamplingSpec
 
 
 @dataclass(kw_only=True)
@@ -46,12 +47,14 @@ class FlowMatchingAdapter(Protocol):
 
     def prepare_batch(self, raw: dict, *, latents_source: LatentsSource) -> Batch: ...
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
-    def predict_noise(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
+    def predict_velocity(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
     def shift_timestep(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 @register_method("flow_matching", FlowMatchingConfig)
 class FlowMatching(DistillMethod):
+    headline_losses = ("flow_matching_loss",)
+
     @classmethod
     def required_roles(cls, method_cfg: FlowMatchingConfig) -> dict[str, bool]:
         return {method_cfg.role: True}
@@ -73,14 +76,18 @@ class FlowMatching(DistillMethod):
         )
         t = self.sample_timesteps(batch.size, x0.device)
         noise = self.randn_like(x0)
-        v = self.adapter.predict_noise(self.model, self.adapter.add_noise(x0, noise, t), t, batch, conditional=True)
+        v = self.adapter.predict_velocity(self.model, self.adapter.add_noise(x0, noise, t), t, batch, conditional=True)
         loss = F.mse_loss(v.float(), (noise - x0).float())
         check_finite(loss, "flow_matching_loss", iteration)
         self.model.backward(loss)
         self.model.step()
         return {"flow_matching_loss": loss.item()}
 
-    def sampling(self) -> dict:
+    @classmethod
+    def reference_guidance(cls, method_cfg: FlowMatchingConfig) -> float:
+        return method_cfg.validation_guidance_scale
+
+    def sampling(self) -> SamplingSpec:
         m = self.method_cfg
-        return {"sampler_kind": m.validation_sampler, "num_inference_steps": m.validation_steps,
-                "guidance_scale": m.validation_guidance_scale}
+        return SamplingSpec(sampler_kind=m.validation_sampler, num_inference_steps=m.validation_steps,
+                            guidance_scale=m.validation_guidance_scale)
