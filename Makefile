@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The edit loop: no Docker build, no Prefect server, no multi-rank launch, no long training run (under 2 minutes).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not docker and not prefect_server and not multirank and not slow"
 
 clean:
 	rm -rf $(VENV) runs

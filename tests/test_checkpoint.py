@@ -77,6 +77,7 @@ def kill_after_first_checkpoint(config: Path, latest) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_losses_local(tmp_path, reference):
     out = tmp_path / "run"
     config = run_config(tmp_path, str(out))
@@ -94,6 +95,7 @@ def test_sigkill_then_resume_gives_identical_losses_local(tmp_path, reference):
     assert kept == ["step-000030", "step-000040"]  # keep_checkpoints: 2
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_s3_gives_identical_losses(tmp_path, s3, reference):
     prefix = f"runs/kill-{os.getpid()}"
     config = run_config(tmp_path, f"s3://{s3.bucket}/{prefix}", endpoint=s3.endpoint)
@@ -121,6 +123,7 @@ def test_sigkill_then_resume_from_s3_gives_identical_losses(tmp_path, s3, refere
         assert s3.secret not in text and s3.key_id not in text
 
 
+@pytest.mark.slow
 def test_store_stopped_mid_upload_fails_clearly_and_latest_stays(tmp_path, monkeypatch):
     from s3_server import start_s3_server
 

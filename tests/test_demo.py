@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from distill.config import load_config
 from distill.training.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_dmd2.yaml"
 
 
+@pytest.mark.slow  # 150 iterations of the example config
 def test_example_dmd2_config_critic_loss_falls_and_videos_are_written(run_dir):
     cfg = load_config(CONFIG, [f"run.output={run_dir}", "training.max_steps=150", "training.log_every=50",
                                "validation.every=150", "training.progress_bar=false"])

@@ -16,6 +16,8 @@ import yaml
 from s3_server import free_port
 from tiny import tiny_raw
 
+pytestmark = pytest.mark.prefect_server  # a real Prefect server and process worker
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SIZE = {"num_frames": 5, "height": 16, "width": 16}

@@ -16,6 +16,8 @@ import yaml
 
 from tiny import tiny_raw
 
+pytestmark = pytest.mark.multirank  # two ranks under the deepspeed launcher
+
 DRIVER = Path(__file__).parent / "drivers" / "two_rank.py"
 
 

@@ -50,6 +50,7 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0 and proc.stdout.strip() == "", f"hadolint:\n{proc.stdout}{proc.stderr}"
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(1800)  # a cold build: debootstrap, the base image, then the worker image
 def test_image_runs_distill_cli_as_non_root(worker_image):
     uid, workdir = in_image(worker_image, "sh", "-c", 'id -u && test -w "$DISTILL_HOME" && pwd').split()
@@ -66,6 +67,7 @@ def test_image_runs_distill_cli_as_non_root(worker_image):
         assert command in help_text
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(1800)
 def test_image_has_prefect_flows_and_the_base_torch(worker_image):
     # What a Prefect docker work pool needs: `prefect flow-run execute` runs in the image.

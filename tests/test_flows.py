@@ -14,6 +14,8 @@ from prefect.testing.utilities import prefect_test_harness
 from distill.config import ConfigError
 from tiny import tiny_raw
 
+pytestmark = pytest.mark.prefect_server  # flows under prefect_test_harness (a temporary server)
+
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
 
 
@@ -99,3 +101,42 @@ def test_a_failed_training_keeps_the_last_checkpoint_for_resume(tmp_path):
     assert result["checkpoints"][-1].endswith("step-000006")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gpu_jobs_on_one_host_take_turns():
+    """Two GPU tasks on one worker host never overlap: the second waits for the host's `gpu:<host>` slot."""
+    import socket
+    import threading
+    import time
+
+    from flows.tasks import gpu_slot
+
+    spans = {}
+    first_inside = threading.Event()
+
+    def job(name: str, hold: float) -> None:
+        with gpu_slot():
+            start = time.monotonic()
+            first_inside.set()
+            time.sleep(hold)
+            spans[name] = (start, time.monotonic())
+
+    first = threading.Thread(target=job, args=("first", 3.0))
+    first.start()
+    assert first_inside.wait(60)
+    job("second", 0.0)
+    first.join()
+    assert spans["second"][0] >= spans["first"][1]
+
+    async def read_limit():
+        async with get_client() as client:
+            return await client.read_global_concurrency_limit_by_name(f"gpu:{socket.gethostname()}")
+
+    assert asyncio.run(read_limit()).limit == 1
+
+
+def test_only_io_tasks_retry():
+    from flows import tasks
+
+    assert tasks.bench.retries == 0 and tasks.train.retries == 0 and tasks.preprocess.retries == 0
+    assert all(t.retries == 3 for t in (tasks.compare, tasks.list_checkpoints, tasks.mark_latest))

@@ -185,6 +185,7 @@ def test_config_rejects_impossible_settings():
     assert S.ShapesWorldConfig(shapes_per_video=(2, 3)).counts() == [2, 3]
 
 
+@pytest.mark.slow  # the written data sets take ~30 s
 def test_data_set_files_on_disk(datasets):
     for name, (cfg, root, captions, attributes, videos) in datasets.items():
         count = DATASETS[name][2]
@@ -228,6 +229,7 @@ def test_command_line_writes_a_non_square_data_set(tmp_path):
 
 # --- the oracle -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # the written data sets take ~30 s
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_oracle_reads_the_worlds_videos_after_the_mp4_round_trip(datasets, name):
     cfg, root, captions, attributes, videos = datasets[name]
@@ -260,6 +262,7 @@ def test_oracle_reads_the_worlds_videos_after_the_mp4_round_trip(datasets, name)
     assert np.mean([s["exact"] for s in scores]) >= MIN_ACCURACY
 
 
+@pytest.mark.slow  # the written data sets take ~30 s
 def test_oracle_reads_model_tensors_and_files_like_frames(datasets):
     cfg, root, captions, attributes, videos = datasets["small-2"]
     video = videos[3]
@@ -272,6 +275,7 @@ def test_oracle_reads_model_tensors_and_files_like_frames(datasets):
         assert np.allclose(s.positions, t.positions, atol=1e-3) and abs(s.speed - t.speed) < 1e-4
 
 
+@pytest.mark.slow  # the written data sets take ~30 s
 def test_oracle_is_fast(datasets):
     videos = datasets["small-1"][4] + datasets["small-2"][4]
     start = time.perf_counter()
@@ -281,6 +285,7 @@ def test_oracle_is_fast(datasets):
     assert per_video < 0.02, f"{per_video * 1000:.1f} ms per 9x32x32 video"  # ~5 ms measured
 
 
+@pytest.mark.slow  # the written data sets take ~30 s
 def test_score_caption_matches_and_mismatches(datasets):
     cfg, _, captions, _, videos = datasets["small-2"]
     spec = S.sample_spec(cfg, 0)
@@ -344,6 +349,7 @@ def test_no_shape_is_read_from_blank_or_noise_videos():
     assert analyse(videos["grey"]).noise < 0.5
 
 
+@pytest.mark.slow  # the written data sets take ~30 s
 def test_quality_falls_as_noise_or_blur_grows(datasets):
     videos = datasets["small-2"][4][:8] + datasets["large-1"][4][:6]
     noise = np.array([[analyse(_u8(_noisy(v, s, seed=i))) for s in NOISE_SIGMAS] for i, v in enumerate(videos)])
@@ -361,6 +367,7 @@ def test_quality_falls_as_noise_or_blur_grows(datasets):
     assert (quality_n[:, -1] < 0.1 * quality_n[:, 0]).all() and (quality_b[:, -1] < 0.7 * quality_b[:, 0]).all()
 
 
+@pytest.mark.slow  # the written data sets take ~30 s
 def test_oracle_still_reads_blurred_or_noisy_videos(datasets):
     """Generated videos are rarely crisp: a 5 x 5 blur or noise of sigma 16 must not derail the reading."""
     _, _, captions_1, _, videos_1 = datasets["small-1"]

@@ -1,9 +1,11 @@
 """Training throughput of any method: seconds per iteration by kind, samples/s, MFU, peak memory.
 
-Model FLOPs: one forward of the denoiser is counted once with torch's FlopCounterMode on a
-real training input; every denoiser call of a timed iteration then counts one forward, or
-three (forward + backward) when it runs with grad. Activation recomputation is not counted,
-as model-FLOPs utilisation requires. The peak is a bf16 (GPU) or fp32 (CPU) matrix product
+Model FLOPs: one forward of each named module of the roles (the denoiser `transformer`, and any
+head or second expert) is counted once with torch's FlopCounterMode on a real training input;
+every call of that module in a timed iteration then counts one forward, or three (forward +
+backward) when it runs with grad. Modules of the same name in different roles share an
+architecture (roles start from one another). Activation recomputation is not counted, as
+model-FLOPs utilisation requires. The peak is a bf16 (GPU) or fp32 (CPU) matrix product
 measured in the same process.
 """
 
@@ -38,34 +40,42 @@ def _sync(device: torch.device) -> None:
 
 
 class CallCounter:
-    """Counts denoiser calls of every role (with or without grad) and keeps the first input for FLOP counting."""
+    """Counts calls of every role's named modules (with or without grad); keeps each name's first input."""
 
-    def __init__(self, modules: list[torch.nn.Module]):
-        self.calls: list[bool] = []
-        self.example = None
-        self.hooks = [m.register_forward_hook(self._hook, with_kwargs=True) for m in modules]
+    def __init__(self, roles):
+        self.calls: list[tuple[str, bool]] = []
+        self.examples: dict[str, tuple] = {}
+        self.hooks = [module.register_forward_hook(self._hook(name), with_kwargs=True)
+                      for handle in roles for name, module in handle.modules.items()]
 
-    def _hook(self, module, args, kwargs, output):
-        self.calls.append(torch.is_grad_enabled())
-        if self.example is None:
-            self.example = (module, {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    def _hook(self, name: str):
+        def record(module, args, kwargs, output):
+            self.calls.append((name, torch.is_grad_enabled()))
+            if name not in self.examples:
+                self.examples[name] = (module, _detached(args), _detached(kwargs))
+        return record
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
 
 
-def forward_flops(module: torch.nn.Module, kwargs: dict) -> int:
+def _detached(values):
+    if isinstance(values, dict):
+        return {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}
+    return tuple(v.detach() if torch.is_tensor(v) else v for v in values)
+
+
+def forward_flops(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(**kwargs)
+        module(*args, **kwargs)
     return counter.get_total_flops()
 
 
 def measure(trainer, iterations: int, warmup: int = 2) -> dict:
     """Run `warmup` + `iterations` iterations of `trainer`; return throughput figures."""
     device = trainer.device
-    modules = [h.modules[trainer.plugin.denoiser_key] for h in trainer.roles]
-    counter = CallCounter(modules)
+    counter = CallCounter(trainer.roles)
     rows = []
     try:
         for i in range(warmup + iterations):
@@ -78,15 +88,16 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
             trainer.train_iteration()
             _sync(device)
             if i >= warmup:
-                rows.append({"seconds": time.perf_counter() - start, "kind": kind,
-                             "calls_with_grad": sum(counter.calls), "calls_no_grad": len(counter.calls) - sum(counter.calls)})
-        module, kwargs = counter.example
+                rows.append({"seconds": time.perf_counter() - start, "kind": kind, "calls": list(counter.calls)})
+        flops = {name: forward_flops(*example) for name, example in counter.examples.items()}
     finally:
         counter.remove()
-    flops_per_forward = forward_flops(module, kwargs)
     peak = matmul_peak(device)
     for r in rows:
-        r["model_flops"] = flops_per_forward * (3 * r["calls_with_grad"] + r["calls_no_grad"])
+        calls = r.pop("calls")
+        r["calls_with_grad"] = sum(grad for _, grad in calls)
+        r["calls_no_grad"] = len(calls) - r["calls_with_grad"]
+        r["model_flops"] = sum(flops[name] * (3 if grad else 1) for name, grad in calls)
         r["mfu"] = r["model_flops"] / r["seconds"] / peak
     samples = trainer.cfg.training.batch_size * trainer.cfg.training.gradient_accumulation_steps * trainer.dist.world_size
     mean_seconds = statistics.fmean(r["seconds"] for r in rows)
@@ -102,7 +113,8 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
         "mean_seconds_per_iteration": mean_seconds,
         "samples_per_second": samples / mean_seconds,
         "seconds_per_sample": mean_seconds / samples,
-        "forward_flops": flops_per_forward,
+        "forward_flops": flops.get(trainer.plugin.denoiser_key),
+        "forward_flops_by_module": flops,
         "matmul_peak_flops": peak,
         "mfu": sum(r["model_flops"] for r in rows) / sum(r["seconds"] for r in rows) / peak,
         **{f"{kind}_mfu": median("mfu", kind) for kind in kinds},
