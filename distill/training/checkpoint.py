@@ -169,20 +169,24 @@ class CheckpointManager:
         return list_checkpoints(self.store)
 
     def resolve(self, name: str) -> str:
-        return resolve_checkpoint(self.store, name)
-
-    def load(self, name: str, contents: CheckpointContents) -> str:
-        """Restore engines and every stateful object from checkpoint `name` (or 'latest'); returns its name."""
-        name = self.resolve(name)
-        prefix = f"{ROOT}/{name}"
-        where = self.store.key_uri(prefix)
-        manifest = json.loads(self.store.get_text(f"{prefix}/{MANIFEST}"))
+        """The complete checkpoint `name` (or 'latest') names, checked to be resumable by this run's ranks:
+        cheap, so the trainer calls it before building any model."""
+        name = resolve_checkpoint(self.store, name)
+        where = self.store.key_uri(f"{ROOT}/{name}")
+        manifest = json.loads(self.store.get_text(f"{ROOT}/{name}/{MANIFEST}"))
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"{where}: checkpoint layout {manifest.get('format', 1)}, this distill resumes "
                                   f"layout {FORMAT}; start a new run (init_from the checkpoint keeps its weights)")
         if manifest["world_size"] != self.world_size:
             raise CheckpointError(f"{where}: saved by {manifest['world_size']} ranks, this run "
                                   f"has {self.world_size}; resume with the same number of ranks")
+        return name
+
+    def load(self, name: str, contents: CheckpointContents) -> str:
+        """Restore engines and every stateful object from checkpoint `name` (or 'latest'); returns its name."""
+        name = self.resolve(name)
+        prefix = f"{ROOT}/{name}"
+        where = self.store.key_uri(prefix)
         saved = yaml.safe_load(self.store.get_text(f"{prefix}/config.yaml"))
         _check_same_run(saved, contents.config, where)
         folder = self._fetch(prefix)

@@ -125,7 +125,8 @@ class Trainer:
             step=self.iteration,
             engines={h.name: h.engine for h in self.roles.trainable()},
             states={"trainer": self, "method": method, "loader": self.batches, "rng": RNGState()},
-            export=self.roles[export_role].modules,
+            # Modules a pipeline can load (diffusers or peft folders); a training-only head stays in the engine state.
+            export={k: m for k, m in self.roles[export_role].modules.items() if hasattr(m, "save_pretrained")},
             config=to_dict(self.cfg),
             manifest={"export_role": export_role, "sampling": method.sampling().to_dict(),
                       "method": method.metadata(self.cfg.method_config)},
