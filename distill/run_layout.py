@@ -125,16 +125,25 @@ class Checkpoint:
         return folder
 
 
+def read_manifest(store: ArtifactStore, prefix: str = "") -> dict:
+    """The manifest of the checkpoint at `prefix` of `store`, refused unless complete and of this layout."""
+    key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
+    where = store.key_uri(prefix) if prefix else store.uri
+    if not store.exists(key):
+        raise CheckpointError(f"{where}: not a complete checkpoint (no {MANIFEST})")
+    manifest = json.loads(store.get_text(key))
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: checkpoint layout {manifest.get('format', 1)}, this distill reads layout "
+                              f"{FORMAT}; it was written by an older version: start a new run (its export/ "
+                              f"folder still serves as init_from)")
+    return manifest
+
+
 def open_checkpoint(uri: str, storage: StorageConfig | None = None) -> Checkpoint:
     """Open a complete checkpoint folder (`<output>/checkpoints/step-000500`, local or s3://)."""
     uri = uri.rstrip("/")
     store = open_store(uri, storage)
-    if not store.exists(MANIFEST):
-        raise CheckpointError(f"{uri}: not a complete checkpoint (no {MANIFEST})")
-    manifest = json.loads(store.get_text(MANIFEST))
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{uri}: checkpoint layout {manifest.get('format', 1)}, this distill reads {FORMAT}; "
-                              f"it was written by an older version (its export/ folder still loads with diffusers)")
+    manifest = read_manifest(store)
     cfg = build_config(yaml.safe_load(store.get_text("config.yaml")))
     if storage is not None:
         cfg.storage = storage

@@ -27,7 +27,7 @@ from torch import nn
 
 from distill.errors import ConfigError
 from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, CheckpointError, checkpoint_name,
-                                list_checkpoints, resolve_checkpoint)
+                                list_checkpoints, read_manifest, resolve_checkpoint)
 from distill.storage import ArtifactStore
 
 __all__ = ["CheckpointContents", "CheckpointError", "CheckpointManager", "RNGState", "Stateful"]
@@ -172,13 +172,9 @@ class CheckpointManager:
         """The complete checkpoint `name` (or 'latest') names, checked to be resumable by this run's ranks:
         cheap, so the trainer calls it before building any model."""
         name = resolve_checkpoint(self.store, name)
-        where = self.store.key_uri(f"{ROOT}/{name}")
-        manifest = json.loads(self.store.get_text(f"{ROOT}/{name}/{MANIFEST}"))
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{where}: checkpoint layout {manifest.get('format', 1)}, this distill resumes "
-                                  f"layout {FORMAT}; start a new run (init_from the checkpoint keeps its weights)")
+        manifest = read_manifest(self.store, f"{ROOT}/{name}")
         if manifest["world_size"] != self.world_size:
-            raise CheckpointError(f"{where}: saved by {manifest['world_size']} ranks, this run "
+            raise CheckpointError(f"{self.store.key_uri(f'{ROOT}/{name}')}: saved by {manifest['world_size']} ranks, this run "
                                   f"has {self.world_size}; resume with the same number of ranks")
         return name
 
