@@ -91,9 +91,9 @@ class TrainingConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     lr_scheduler: LRSchedule = "constant"
-    """Learning-rate schedule."""
+    """Learning-rate schedule; its horizon is the run (max_steps), in each role's own optimizer steps."""
     warmup_steps: int = 0
-    """Warm-up steps of the schedule."""
+    """Warm-up of the schedule, in iterations (a role that steps every k-th iteration warms up over as many iterations)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     fake_score_learning_rate: float | None = None

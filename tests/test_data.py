@@ -273,6 +273,9 @@ def test_shards_of_another_model_or_size_are_refused_before_training(tmp_path, s
     other_size = tiny_config(tmp_path / "run", data={**raw["data"], "height": 8, "width": 8})
     with pytest.raises(ShardError, match="asks for .*'height': 8"):
         Trainer(other_size)
+    other_negative = tiny_config(tmp_path / "run", data={**raw["data"], "negative_prompt": "blurry"})
+    with pytest.raises(ShardError, match="negative prompt '', but data.negative_prompt is 'blurry'"):
+        Trainer(other_negative)
     (folder / MANIFEST).unlink()
     with pytest.raises(ShardError, match="no MANIFEST.json"):
         Trainer(tiny_config(tmp_path / "run", data=raw["data"]))

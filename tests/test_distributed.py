@@ -63,3 +63,11 @@ def test_cli_train_under_the_deepspeed_launcher(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert (run_dir / "validation" / "step-000004" / "contact.png").exists()
+
+
+def test_a_loss_not_finite_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    launch(str(Path(__file__).parent / "drivers" / "nonfinite.py"), str(tmp_path), timeout=240)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == said[1]
+    assert said[0] == ("critic_loss is not finite (NaN or Inf) on rank 1 at iteration 2; every rank stops "
+                       "before the optimizer step")

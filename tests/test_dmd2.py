@@ -120,7 +120,7 @@ def test_student_gradient_through_method_matches_reference(tmp_path, convention,
 
     batch = method.adapter.prepare_batch({}, latents_source="zeros")
     x0, k = method.rollout(batch, grad=True)
-    loss = method.generator_loss(x0, batch)
+    loss, stats = method.generator_loss(x0, batch)
     loss.backward()
 
     # Reference: real = uncond + w (cond − uncond) = -0.2 + w·1.0; fake = 0.1; x0 = theta.
@@ -132,6 +132,11 @@ def test_student_gradient_through_method_matches_reference(tmp_path, convention,
     ref_dtheta = (grad / x.numel()).sum(dim=(0, 2, 3, 4), keepdim=True)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(student.theta.grad.double(), ref_dtheta, rtol=1e-5, atol=1e-12)
+    # Logged beside the loss: the DMD gradient's RMS and the x0 statistics.
+    assert stats["dmd_grad_rms"] == pytest.approx(float(grad.pow(2).mean().sqrt()), rel=1e-5)
+    assert stats["real_fake_x0_gap"] == pytest.approx(abs(0.1 - real), rel=1e-5)
+    assert stats["real_x0_std"] == pytest.approx(0.0, abs=1e-6) and stats["fake_x0_std"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["student_x0_std"] == pytest.approx(float(x.std()), rel=1e-4)
 
 
 def test_critic_optimizer_falls_back_to_student_values_key_by_key(tmp_path):
@@ -188,3 +193,12 @@ def test_require_roles_names_the_role():
         roles.require_roles({"student": True, "teacher": False})
     with pytest.raises(RoleError, match="roles.critic"):
         roles.require_roles({"student": True, "critic": True})
+
+
+def test_check_finite_stops_before_the_optimizer_step():
+    from distill.methods.base import check_finite
+
+    check_finite(torch.tensor(1.5), "critic_loss", 3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match="critic_loss is not finite .* on rank 0 at iteration 3"):
+            check_finite(torch.tensor(bad), "critic_loss", 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -64,6 +65,26 @@ def test_lr_schedule_runs_through_the_engine(run_dir):
     lrs = [trainer.train_iteration()["critic_lr"] for _ in range(3)]
     assert lrs[0] > lrs[1] > lrs[2] > 0
     assert trainer.roles["student"].lr < 1e-3
+
+
+def test_each_role_s_schedule_ends_with_the_run_in_its_own_steps(run_dir):
+    """With the student updating every 5th iteration, a cosine schedule still reaches 0 at the last student
+    update (it counts student steps: 0, 5, 10, 15 of 20 iterations), and warms up over the same iterations."""
+    cfg = tiny_config(run_dir, training={"max_steps": 20, "lr_scheduler": "cosine", "learning_rate": 1e-3,
+                                         "fake_score_learning_rate": 2e-3, "warmup_steps": 5},
+                      method_config={"generator_update_interval": 5})
+    trainer = Trainer(cfg)
+    student, critic = trainer.roles["student"], trainer.roles["critic"]
+    student_lrs = []
+    for _ in range(20):
+        values = trainer.train_iteration()
+        if values["updated_student"]:
+            student_lrs.append(student.lr)
+    # 4 student steps: 1 of warm-up (ceil(5 / 5)), then cosine over the other 3, ending at 0.
+    assert student.optimizer_steps == 4 and critic.optimizer_steps == 20
+    assert student_lrs[0] == pytest.approx(1e-3)  # the warm-up step done
+    assert student_lrs[-1] == pytest.approx(0.0, abs=1e-12) and critic.lr == pytest.approx(0.0, abs=1e-12)
+    assert student_lrs[1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 3)))
 
 
 def test_data_latent_without_latents_fails_before_models_are_built(run_dir, monkeypatch):

@@ -173,3 +173,31 @@ def test_bad_folder_and_bad_sizes_name_the_key(tmp_path):
         WanPlugin(tiny_config(tmp_path, model={"pixel_space": False}, data={"num_frames": 4}), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="model.preset"):
         WanPlugin(tiny_config(tmp_path, model={"preset": "huge"}), device=torch.device("cpu"))
+
+
+def test_frozen_and_trainable_roles_share_numerics_so_the_critic_starts_as_the_teacher(run_dir):
+    """A frozen role is cast whole to bf16, as a DeepSpeed bf16 engine casts a trainable one: at
+    initialisation the critic's score is bit for bit the teacher's."""
+    import copy
+
+    from distill.models.base import cast_frozen
+    from distill.roles import RoleHandle
+
+    cfg = tiny_config(run_dir)
+    plugin = WanPlugin(cfg, device=torch.device("cpu"), frozen_dtype=torch.bfloat16)
+    roles = plugin.build_roles()
+    assert {p.dtype for p in roles["teacher"].parameters()} == {torch.bfloat16}
+    engine_like = copy.deepcopy(roles["critic"].modules["transformer"]).bfloat16()  # DeepSpeed's bf16 cast
+    critic = RoleHandle("critic", {"transformer": engine_like}, trainable=False)
+    batch = plugin.prepare_batch({"prompt": ["a red circle moving left"]}, latents_source="zeros")
+    x_t, t = torch.randn(1, *plugin.latent_shape), torch.tensor([700.0])
+    for conditional in (True, False):
+        teacher_v = plugin.predict_velocity(roles["teacher"], x_t, t, batch, conditional=conditional)
+        assert torch.equal(teacher_v, plugin.predict_velocity(critic, x_t, t, batch, conditional=conditional))
+
+    # Components (VAE, text encoder) keep what their class marks fp32, parameters matched by name part too.
+    component = cast_frozen(copy.deepcopy(roles["student"].modules["transformer"]), torch.bfloat16)
+    dtypes = dict(component.named_parameters())
+    assert dtypes["scale_shift_table"].dtype == torch.float32
+    assert dtypes["blocks.0.scale_shift_table"].dtype == torch.float32
+    assert dtypes["blocks.0.ffn.net.0.proj.weight"].dtype == torch.bfloat16

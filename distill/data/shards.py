@@ -112,7 +112,8 @@ class ShardDataset(Dataset):
     """
 
     def __init__(self, store: ArtifactStore, *, identity: dict, max_text_length: int, video: dict | None = None,
-                 with_latents: bool = True, cache_dir: Path | None = None, cache_shards: int = 2):
+                 negative_prompt: str | None = None, with_latents: bool = True, cache_dir: Path | None = None,
+                 cache_shards: int = 2):
         self.store = store
         self.folder = store.uri
         # Remote shards are downloaded on first use into cache_dir; local ones are read in place.
@@ -127,6 +128,10 @@ class ShardDataset(Dataset):
         if video is not None and self.manifest["video"] not in (None, video):
             raise ShardError(f"{self.folder}: shards hold videos of {self.manifest['video']}, the run's data "
                              f"section asks for {video}; preprocess again or change data.num_frames/height/width")
+        if negative_prompt is not None and self.manifest["negative_prompt"] != negative_prompt:
+            raise ShardError(f"{self.folder}: the shards hold the embedding of the negative prompt "
+                             f"{self.manifest['negative_prompt']!r}, but data.negative_prompt is {negative_prompt!r}; "
+                             f"preprocess again with this negative prompt, or set data.negative_prompt to the shards'")
         self.records = self.manifest["shards"]
         if not self.records or self.manifest["count"] == 0:
             raise ShardError(f"{self.folder}: the data set is empty (0 samples)")

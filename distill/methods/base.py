@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from distill.roles import RoleHandle, RoleManager, check_roles
 from distill.validation import SamplingSpec, ValidationRequest, ValidationResult, Validator
@@ -158,14 +159,33 @@ class DistillMethod(ABC):
 
 
 def check_finite(loss: torch.Tensor, name: str, iteration: int) -> None:
-    """Stop before an optimizer step would write NaN or Inf into the weights."""
+    """Stop before an optimizer step would write NaN or Inf into the weights: on every rank at once.
+
+    The ranks agree first (one small all-reduce), so a loss that is not finite on one rank stops
+    all of them with the same error instead of leaving the others waiting in a collective.
+    """
+    bad = torch.zeros(1, device=loss.device)
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"{name} is {loss.item()} at iteration {iteration}; stopping before the optimizer step")
+        bad += 1
+    ranks = [0] if bad.item() else []
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flags = torch.zeros(dist.get_world_size(), device=loss.device)
+        flags[dist.get_rank()] = bad
+        dist.all_reduce(flags)
+        ranks = [r for r, flag in enumerate(flags.tolist()) if flag]
+    if ranks:
+        raise FloatingPointError(f"{name} is not finite (NaN or Inf) on rank {', '.join(map(str, ranks))} at "
+                                 f"iteration {iteration}; every rank stops before the optimizer step")
 
 
-def optimizer_settings(training: Any, prefix: str = "") -> dict[str, Any]:
+def optimizer_settings(training: Any, prefix: str = "", every: int = 1) -> dict[str, Any]:
     """AdamW and schedule settings from `training`; with a prefix (`fake_score_`), each unset
-    prefixed key falls back to its unprefixed twin, key by key."""
+    prefixed key falls back to its unprefixed twin, key by key.
+
+    `every`: the role steps on every `every`-th iteration. The schedule counts the role's own
+    optimizer steps, so its horizon (`max_steps`) and warm-up, given in iterations, become
+    ceil(iterations / every) of its steps: a schedule ends where the run ends for every role.
+    """
 
     def pick(key: str) -> Any:
         value = getattr(training, prefix + key) if prefix else None
@@ -173,8 +193,8 @@ def optimizer_settings(training: Any, prefix: str = "") -> dict[str, Any]:
 
     return dict(
         lr=pick("learning_rate"), betas=pick("betas"), weight_decay=pick("weight_decay"), eps=pick("eps"),
-        schedule=pick("lr_scheduler"), warmup_steps=pick("warmup_steps"), max_grad_norm=pick("max_grad_norm"),
-        total_steps=training.max_steps,
+        schedule=pick("lr_scheduler"), warmup_steps=math.ceil(pick("warmup_steps") / every),
+        max_grad_norm=pick("max_grad_norm"), total_steps=math.ceil(training.max_steps / every),
     )
 
 

@@ -93,14 +93,14 @@ class ModelPlugin(ABC):
                 if self.cfg.model.gradient_checkpointing:
                     module.enable_gradient_checkpointing()
             else:
-                cast_frozen(module.eval().requires_grad_(False), self.frozen_dtype)
+                cast_role(module.eval().requires_grad_(False), self.frozen_dtype)
             handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
         return RoleManager(handles)
 
     def frozen_role(self, name: str, modules: dict[str, nn.Module]) -> RoleHandle:
         """A frozen handle around modules (e.g. a checkpoint's exported student, for sampling)."""
         for module in modules.values():
-            cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
+            cast_role(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
         return RoleHandle(name=name, modules=dict(modules), trainable=False)
 
     # -- data ------------------------------------------------------------------------------
@@ -164,20 +164,21 @@ class ModelPlugin(ABC):
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast a frozen module, keeping the submodules its class marks `_keep_in_fp32_modules` in fp32.
-
-    This is what diffusers' `from_pretrained(torch_dtype=...)` does; its `ModelMixin.to(dtype)`
-    casts everything (and warns), so the plain nn.Module cast is used here.
-    """
-    if all(p.dtype == dtype for p in module.parameters()):
-        return module
-    nn.Module.to(module, dtype)
+    """Cast a frozen component (VAE, text encoder), keeping the parameters and buffers its class marks
+    `_keep_in_fp32_modules` in fp32, matched by name part as diffusers' `from_pretrained(torch_dtype=...)` does
+    (`scale_shift_table` is a parameter, not a module)."""
     keep = getattr(module, "_keep_in_fp32_modules", None) or ()
-    if dtype != torch.float32 and keep:
-        for name, sub in module.named_modules():
-            if any(k in name.split(".") for k in keep):
-                nn.Module.to(sub, torch.float32)
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            fp32 = dtype != torch.float32 and any(k in name.split(".") for k in keep)
+            tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
     return module
+
+
+def cast_role(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a role's module entirely, as a DeepSpeed bf16 engine casts a trainable role's: frozen and trainable
+    roles then share their numerics, and a critic copied from the teacher starts as its exact score."""
+    return nn.Module.to(module, dtype)
 
 
 def _init_order(roles: dict) -> list[str]:

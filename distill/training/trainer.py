@@ -89,6 +89,7 @@ class Trainer:
             return ShardDataset(open_store(d.shards, self.cfg.storage), identity=self.plugin.identity(),
                                 max_text_length=self.cfg.model.max_text_length,
                                 video={"num_frames": d.num_frames, "height": d.height, "width": d.width},
+                                negative_prompt=d.negative_prompt,
                                 with_latents=method_cls.latents_source(self.cfg.method_config) == "data",
                                 cache_dir=self.run_dir / "shard-cache" / f"rank-{self.dist.rank:05d}")
         if d.prompts:

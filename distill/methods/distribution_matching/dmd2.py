@@ -117,7 +117,8 @@ class DMD2(DistillMethod):
 
     def build_optimizers(self) -> None:
         tr = self.cfg.training
-        make_optimizer(self.roles["student"], **optimizer_settings(tr))
+        # The student steps every generator_update_interval iterations: its schedule counts those steps.
+        make_optimizer(self.roles["student"], **optimizer_settings(tr, every=self.method_cfg.generator_update_interval))
         make_optimizer(self.roles["critic"], **optimizer_settings(tr, prefix="fake_score_"))
 
     def _denoising_steps(self) -> torch.Tensor:
@@ -156,11 +157,12 @@ class DMD2(DistillMethod):
 
         # 2. Student update: the distribution-matching loss.
         if update_student:
-            loss_g = self.generator_loss(x0_student, batch)
+            loss_g, stats = self.generator_loss(x0_student, batch)
             check_finite(loss_g, "generator_loss", iteration)
             self.student.backward(loss_g)
             self.student.step()
             metrics["generator_loss"] = loss_g.item()
+            metrics.update(stats)
 
         # 3. Critic update on the student's sample (reused, detached).
         loss_c = self.critic_loss(x0_student.detach(), batch)
@@ -212,9 +214,10 @@ class DMD2(DistillMethod):
                 real = uncond + w * (cond - uncond)
         return real, fake
 
-    def generator_loss(self, x0_student: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def generator_loss(self, x0_student: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The student's loss, and what shows a collapse early: the DMD gradient's size and the x0 statistics."""
         real, fake = self.real_and_fake_x0(x0_student, batch)
-        return dmd_loss(x0_student, real, fake)
+        return dmd_loss(x0_student, real, fake), dmd_statistics(x0_student, real, fake)
 
     def critic_loss(self, x0_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
         m = self.method_cfg
@@ -231,15 +234,31 @@ class DMD2(DistillMethod):
         return SamplingSpec(sampler_kind="sde", timesteps=tuple(self._denoising_steps().tolist()), guidance_scale=1.0)
 
 
+@torch.no_grad()
+def dmd_gradient(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """grad = (fake − real) / mean_per_sample |x̂0 − real|, fp32, NaN (a zero normaliser) set to 0."""
+    x0 = x0_student.float()
+    dims = tuple(range(1, x0.ndim))
+    normalizer = (x0 - real.float()).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((fake.float() - real.float()) / normalizer)
+
+
 def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """½ mse(x̂0, x̂0 − grad) with grad = (fake − real) / mean_per_sample |x̂0 − real|, in fp32.
+    """½ mse(x̂0, x̂0 − grad), in fp32.
 
     Its gradient w.r.t. x̂0 is grad / numel: the normalised score difference, pushed
     through the student's parameters.
     """
     x0 = x0_student.float()
-    with torch.no_grad():
-        dims = tuple(range(1, x0.ndim))
-        normalizer = (x0 - real.float()).abs().mean(dim=dims, keepdim=True)
-        grad = torch.nan_to_num((fake.float() - real.float()) / normalizer)
-    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+    return 0.5 * F.mse_loss(x0, (x0 - dmd_gradient(x0_student, real, fake)).detach())
+
+
+@torch.no_grad()
+def dmd_statistics(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    """Logged beside the losses: the DMD gradient's RMS, and the spread of the student's, the teacher's
+    (real) and the critic's (fake) x0. A student collapsing to few modes shows as a falling x0 std."""
+    grad = dmd_gradient(x0_student, real, fake)
+    return {"dmd_grad_rms": grad.pow(2).mean().sqrt().item(),
+            "student_x0_std": x0_student.float().std().item(),
+            "real_x0_std": real.float().std().item(), "fake_x0_std": fake.float().std().item(),
+            "real_fake_x0_gap": (fake.float() - real.float()).abs().mean().item()}
