@@ -30,6 +30,7 @@ def export(checkpoint: str, out_dir: str | Path, storage: StorageConfig | None =
     with tempfile.TemporaryDirectory() as tmp:
         folder = ckpt.fetch_export(Path(tmp))
         record = plugin.export_pipeline(folder, Path(out_dir), SamplingSpec.from_dict(ckpt.sampling))
-    record.update(checkpoint=checkpoint, step=ckpt.step, role=ckpt.export_role, method=cfg.method)
+    record.update(checkpoint=checkpoint, step=ckpt.step, role=ckpt.export_role, weights=ckpt.method["weights"],
+                  method=cfg.method)
     Path(out_dir, "distill_export.json").write_text(json.dumps(record, indent=2))
     return record

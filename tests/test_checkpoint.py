@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from distill.config import ConfigError
@@ -26,7 +28,7 @@ STEPS, EVERY = 40, 10
 def run_config(tmp_path: Path, output: str, endpoint: str | None = None) -> Path:
     raw = tiny_raw(output, training={"max_steps": STEPS, "checkpoint_every": EVERY, "log_every": 1,
                                      "batch_size": 2, "keep_checkpoints": 2},
-                   method_config={"generator_update_interval": 3},
+                   method_config={"generator_update_interval": 3, "ema_decay": 0.9, "ema_start_step": 2},
                    data={"num_frames": 3, "height": 16, "width": 16})
     if endpoint:
         raw["storage"] = {"endpoint_url": endpoint, "local_dir": str(tmp_path / "work"), "retries": 2,
@@ -57,12 +59,19 @@ def parse(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def exported_weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The losses of an uninterrupted run."""
+    """The losses of an uninterrupted run, and its final EMA (what its last checkpoint exports)."""
     tmp = tmp_path_factory.mktemp("reference")
     distill("train", str(run_config(tmp, str(tmp / "run"))))
-    return losses(parse((tmp / "run" / "metrics.jsonl").read_text()))
+    return SimpleNamespace(losses=losses(parse((tmp / "run" / "metrics.jsonl").read_text())),
+                           ema=exported_weights(tmp / "run" / "checkpoints" / f"step-{STEPS:06d}"))
 
 
 def kill_after_first_checkpoint(config: Path, latest) -> None:
@@ -89,8 +98,12 @@ def test_sigkill_then_resume_gives_identical_losses_local(tmp_path, reference):
     with pytest.raises(subprocess.CalledProcessError):  # a fresh start would mix with the checkpoints: refused
         subprocess.run([sys.executable, "-m", "distill.cli", "train", str(config)], check=True, capture_output=True)
     distill("train", str(config), "--resume")
-    assert losses(parse((out / "metrics.jsonl").read_text())) == reference
+    assert losses(parse((out / "metrics.jsonl").read_text())) == reference.losses
     assert latest.read_text() == "step-000040"
+    # The EMA of the student, read back from the checkpoint's export on resume, ends bit for bit the same.
+    ema = exported_weights(out / "checkpoints" / "step-000040")
+    assert ema.keys() == reference.ema.keys() and all(torch.equal(ema[k], reference.ema[k]) for k in ema)
+    assert ema["scale_shift_table"].dtype == torch.float32
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == ["step-000030", "step-000040"]  # keep_checkpoints: 2
 
@@ -110,7 +123,7 @@ def test_sigkill_then_resume_from_s3_gives_identical_losses(tmp_path, s3, refere
     kill_after_first_checkpoint(config, latest)
     proc = distill("train", str(config), "--resume")
     metrics = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/metrics.jsonl")["Body"].read().decode()
-    assert losses(parse(metrics)) == reference
+    assert losses(parse(metrics)) == reference.losses
     assert latest() == "step-000040"
 
     # Credentials appear nowhere: not in output, config, metrics or checkpoint files.

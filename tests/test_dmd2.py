@@ -202,3 +202,19 @@ def test_check_finite_stops_before_the_optimizer_step():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(FloatingPointError, match="critic_loss is not finite .* on rank 0 at iteration 3"):
             check_finite(torch.tensor(bad), "critic_loss", 3)
+
+
+def test_ema_moves_only_on_student_updates_and_averages_with_its_decay(tmp_path):
+    method, roles = fake_stack(tmp_path, generator_update_interval=2, ema_decay=0.5, ema_start_step=1)
+    student = roles["student"].modules["transformer"]
+    average = method.exported_modules()["transformer"]
+    assert average is not student and method.exports_state
+    assert method.export_handle().name == "student-ema" and method.metadata(method.method_cfg)["weights"] == "ema"
+    expected = student.theta.detach().clone()
+    for it in range(6):
+        method.train_step({}, it)
+        if it % 2 == 0:  # student updates at 0, 2, 4: the first is copied (start step 1), then averaged
+            w = student.theta.detach()
+            expected = w.clone() if it == 0 else 0.5 * expected + 0.5 * w
+        torch.testing.assert_close(average.theta, expected, rtol=0, atol=1e-7)
+    assert not torch.equal(average.theta, student.theta)  # it lags the student

@@ -168,6 +168,7 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
         rows.append({
             "checkpoint": ckpt.name, "step": ckpt.step, "model": handle.name,
             "sampler": how.sampler_kind, "steps": how.num_steps, "guidance": how.guidance_scale,
+            "weights": ckpt.method["weights"] if handle is student else "trained",
             "nfe": result.function_evaluations_per_video, "latency_s": latency, "denoise_s": denoise,
             "decode_s": latency - denoise, "videos": len(result.frames), **quality,
             "contact_sheet": f"videos/{label}/contact.png",
@@ -180,7 +181,7 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
                      "steps": 0, "videos": len(data.data_videos), **quality})
     meta = {
         "checkpoint": uri, "name": ckpt.name, "step": ckpt.step, "method": cfg.method,
-        "headline_losses": ckpt.method["headline_losses"], "card": card(device),
+        "headline_losses": ckpt.method["headline_losses"], "weights": ckpt.method["weights"], "card": card(device),
         "versions": versions(), "prompts": captions, "seeds": seeds, "real_videos": len(real_videos),
         "size": {"num_frames": d.num_frames, "height": d.height, "width": d.width},
     }

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from distill.roles import RoleHandle, RoleManager, check_roles
 from distill.validation import SamplingSpec, ValidationRequest, ValidationResult, Validator
@@ -89,12 +90,31 @@ class DistillMethod(ABC):
     def metadata(cls, method_cfg: Any) -> dict:
         """What a checkpoint records of its method, so readers need not build one."""
         return {"name": cls.name, "headline_losses": list(cls.headline_losses), "update_kinds": list(cls.update_kinds),
-                "reference_guidance": cls.reference_guidance(method_cfg)}
+                "reference_guidance": cls.reference_guidance(method_cfg), "weights": "trained"}
 
     @property
     def export_role(self) -> str:
         """The role a checkpoint exports as the product (a diffusers transformer)."""
         return next(name for name, trainable in self.required_roles(self.method_cfg).items() if trainable)
+
+    def exported_modules(self) -> dict[str, nn.Module]:
+        """The product's modules, as checkpoints export them and validation samples them: the export role's
+        own (a method keeping an EMA returns the averaged ones)."""
+        return self.roles[self.export_role].modules
+
+    @property
+    def exports_state(self) -> bool:
+        """True when the exported modules are the method's own state (an EMA), so a resume reads them back."""
+        return False
+
+    def export_handle(self) -> RoleHandle:
+        """A handle over the exported modules (the export role itself when they are its own)."""
+        role = self.roles[self.export_role]
+        modules = self.exported_modules()
+        if modules is role.modules:
+            return role
+        weights = self.metadata(self.method_cfg)["weights"]
+        return RoleHandle(name=f"{role.name}-{weights}", modules=modules, trainable=False)
 
     @classmethod
     def latents_source(cls, method_cfg: Any) -> str:
@@ -115,7 +135,7 @@ class DistillMethod(ABC):
         """Sample validation videos with the exported role (every rank calls; a rank with an output_dir writes)."""
         if self.validator is None:
             return None
-        return self.validator.run(self.validation_request(self.roles[self.export_role], output_dir, self.sampling()))
+        return self.validator.run(self.validation_request(self.export_handle(), output_dir, self.sampling()))
 
     def validation_request(self, handle: RoleHandle, output_dir: str | None, sampling: SamplingSpec) -> ValidationRequest:
         """A request for the config's validation prompts, seeds and size, sampled as `sampling` says."""

@@ -177,7 +177,7 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def cast_role(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast a role's module entirely, as a DeepSpeed bf16 engine casts a trainable role's: frozen and trainable
-    roles then share their numerics, and a critic copied from the teacher starts as its exact score."""
+    roles then share their numerics, and a role copied from a frozen one starts with exactly its predictions."""
     return nn.Module.to(module, dtype)
 
 

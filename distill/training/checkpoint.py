@@ -68,6 +68,8 @@ class CheckpointContents:
     """The exported role's modules by name, saved as diffusers folders under export/<name>/."""
     config: dict
     """The resolved run config."""
+    export_is_state: bool = False
+    """The exported modules are not an engine's weights but state of their own (an EMA): resume reads them back."""
     manifest: dict = field(default_factory=dict)
     """Further manifest fields (export role, sampling, method metadata) for readers of the checkpoint."""
 
@@ -197,6 +199,9 @@ class CheckpointManager:
             raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(states)})")
         for key, stateful in contents.states.items():
             stateful.load_state_dict(states[key])
+        if contents.export_is_state:
+            for key, module in contents.export.items():
+                module.load_state_dict(_read_safetensors(folder / EXPORT / key, where))
         return name
 
     def _fetch(self, prefix: str) -> Path:
@@ -207,6 +212,16 @@ class CheckpointManager:
             shutil.rmtree(folder)
         self.store.download_folder(prefix, folder)
         return folder
+
+
+def _read_safetensors(folder: Path, where: str) -> dict:
+    """A module's state dict from a diffusers folder (one file or shards): every *.safetensors in it."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{where}: no weights in {EXPORT}/{folder.name}")
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
 # Keys that may change between a checkpoint and its resumed run; any other difference is refused.

@@ -114,10 +114,13 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration,
+                "optimizer_steps": {h.name: h.optimizer_steps for h in self.roles.trainable()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
+        for name, steps in state["optimizer_steps"].items():  # what an EMA's start step counts
+            self.roles[name].optimizer_steps = steps
 
     def checkpoint_contents(self) -> CheckpointContents:
         """What a checkpoint saves and a resume restores, and what readers of it need to know."""
@@ -127,7 +130,8 @@ class Trainer:
             engines={h.name: h.engine for h in self.roles.trainable()},
             states={"trainer": self, "method": method, "loader": self.batches, "rng": RNGState()},
             # Modules a pipeline can load (diffusers or peft folders); a training-only head stays in the engine state.
-            export={k: m for k, m in self.roles[export_role].modules.items() if hasattr(m, "save_pretrained")},
+            export={k: m for k, m in method.exported_modules().items() if hasattr(m, "save_pretrained")},
+            export_is_state=method.exports_state,
             config=to_dict(self.cfg),
             manifest={"export_role": export_role, "sampling": method.sampling().to_dict(),
                       "method": method.metadata(self.cfg.method_config)},

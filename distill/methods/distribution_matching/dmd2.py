@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from distill.adapter import Batch, LatentsSource
 from distill.errors import ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
+from distill.methods.ema import EMA
 from distill.registry import register_method
 from distill.roles import RoleHandle
 from distill.validation import SamplingSpec
@@ -50,6 +51,11 @@ class DMD2Config:
     """Lower bound of the DMD / critic timestep, as a fraction of T."""
     max_timestep_ratio: float = 0.98
     """Upper bound of the DMD / critic timestep, as a fraction of T."""
+    ema_decay: float = 0.0
+    """EMA of the student, updated after each student update (0 = off); checkpoints, validation, bench and
+    export then use the averaged weights."""
+    ema_start_step: int = 0
+    """Student updates before averaging starts; until then the EMA tracks the student's weights."""
 
     def validate(self, path: str) -> None:
         steps = self.dmd_denoising_steps
@@ -69,6 +75,10 @@ class DMD2Config:
             )
         if not self.real_score_guidance_scale >= 0:  # also rejects NaN
             raise ConfigError(f"{path}.real_score_guidance_scale: must be >= 0, got {self.real_score_guidance_scale}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{path}.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.ema_start_step < 0:
+            raise ConfigError(f"{path}.ema_start_step: must be >= 0, got {self.ema_start_step}")
 
     @property
     def standard_guidance_scale(self) -> float:
@@ -107,6 +117,9 @@ class DMD2(DistillMethod):
         for i, s in enumerate(cfg.method_config.dmd_denoising_steps):
             if not 0 <= s <= T:
                 raise ConfigError(f"method_config.dmd_denoising_steps[{i}]: step {s} is outside [0, {T}]")
+        if cfg.method_config.ema_decay and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError("method_config.ema_decay: the EMA averages the student's whole weights on each rank, "
+                              "which deepspeed.zero_optimization.stage 3 partitions; use stage 0-2 with an EMA")
 
     def build(self) -> None:
         super().build()
@@ -114,6 +127,20 @@ class DMD2(DistillMethod):
         self.teacher = self.roles["teacher"]
         self.critic = self.roles["critic"]
         self.denoising_steps = self._denoising_steps()
+        m = self.method_cfg
+        self.ema = EMA(self.student.modules, m.ema_decay, m.ema_start_step) if m.ema_decay else None
+
+    def exported_modules(self) -> dict:
+        return self.ema.modules if self.ema is not None else super().exported_modules()
+
+    @property
+    def exports_state(self) -> bool:
+        return self.ema is not None
+
+    @classmethod
+    def metadata(cls, method_cfg: DMD2Config) -> dict:
+        return {**super().metadata(method_cfg), "weights": "ema" if method_cfg.ema_decay else "trained",
+                "ema_decay": method_cfg.ema_decay}
 
     def build_optimizers(self) -> None:
         tr = self.cfg.training
@@ -160,7 +187,10 @@ class DMD2(DistillMethod):
             loss_g, stats = self.generator_loss(x0_student, batch)
             check_finite(loss_g, "generator_loss", iteration)
             self.student.backward(loss_g)
+            steps = self.student.optimizer_steps
             self.student.step()
+            if self.ema is not None and self.student.optimizer_steps > steps:  # a step was applied
+                self.ema.update(self.student.modules, self.student.optimizer_steps)
             metrics["generator_loss"] = loss_g.item()
             metrics.update(stats)
 

@@ -1,0 +1,32 @@
+"""An exponential moving average of a role's modules, kept in fp32 beside its engine.
+
+Updated after each optimizer step of the role, and only then (a DMD2 student: on student-update
+iterations, never on critic-only ones). Until `start_step` steps have been taken it tracks the
+weights exactly; after, e ← decay · e + (1 − decay) · w. The averaged modules are what a
+checkpoint exports and a resume reads back (fp32: the round trip is exact).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, modules: dict[str, nn.Module], decay: float, start_step: int = 0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay, self.start_step = decay, start_step
+        self.modules = {name: copy.deepcopy(m).float().eval().requires_grad_(False) for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], step: int) -> None:
+        """Fold in the weights after optimizer step `step` (1 = the first) of the role."""
+        weight = 1.0 if step <= self.start_step else 1.0 - self.decay
+        for name, average in self.modules.items():
+            for e, w in zip(average.parameters(), modules[name].parameters(), strict=True):
+                e.lerp_(w.detach().to(e.device, torch.float32), weight)
+            for e, b in zip(average.buffers(), modules[name].buffers(), strict=True):
+                e.copy_(b)
