@@ -8,6 +8,7 @@ exported role's modules are exported by name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,14 +43,31 @@ class RoleHandle:
     optimizer_steps: int = 0
     """Optimizer steps applied so far (micro-batch steps inside an accumulation window don't count)."""
     last_grad_norm: float | None = field(default=None, repr=False)
+    _frozen: bool = field(default=False, repr=False)
 
     def module(self, key: str = "transformer"):
         """What to call for a forward pass of module `key`: through the engine when there is one."""
         if key not in self.modules:
             raise KeyError(f"role {self.name!r} has no module {key!r} (has: {', '.join(self.modules)})")
-        if self.engine is not None:
+        if self.engine is not None and not self._frozen:
             return functools.partial(self.engine, key)  # RoleModules.forward dispatches by name
         return self.modules[key]
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Forward passes inside take part in another role's loss: they put no gradient into this role's
+        weights (inputs still get theirs) and call the modules directly, so this role's engine, whose
+        backward hooks belong to its own losses, is not involved."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        self._frozen = True
+        try:
+            yield self
+        finally:
+            self._frozen = False
+            for p in params:
+                p.requires_grad_(True)
 
     def add_module(self, key: str, module: nn.Module) -> None:
         """Give the role another module (before engines exist: it then trains in the role's engine)."""

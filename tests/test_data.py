@@ -119,8 +119,14 @@ def test_data_latent_on_prompt_only_shards_is_refused_before_models_are_built(tm
     cfg = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos, prompt_only=True),
                       method_config={"rollout_mode": "data_latent"})
     preprocess(cfg, progress=False)
-    with pytest.raises(ConfigError, match="no 'pixels'"):
+    with pytest.raises(ConfigError, match="needs 'pixels' from the data, which gives only prompt_embeds"):
         Trainer(cfg)
+    # The GAN's real samples come from the data also when the student rolls out from noise.
+    gan = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos, prompt_only=True),
+                      method_config={"rollout_mode": "simulate", "gan_critic_weight": 0.01})
+    with pytest.raises(ConfigError, match=r"data.shards: method_config.gan_critic_weight: 0.01 \(the GAN's real "
+                                          r"samples\) needs 'pixels'"):
+        Trainer(gan)
 
 
 def test_resume_after_a_bad_video_keeps_finished_shards_and_skips_them(tmp_path, videos, monkeypatch):

@@ -91,7 +91,8 @@ def test_data_latent_without_latents_fails_before_models_are_built(run_dir, monk
     cfg = tiny_config(run_dir, method_config={"rollout_mode": "data_latent"})
     built = []
     monkeypatch.setattr("distill.models.base.ModelPlugin.build_roles", lambda self: built.append(1))
-    with pytest.raises(ConfigError, match="no 'pixels'.*rollout_mode: simulate"):
+    with pytest.raises(ConfigError, match="rollout_mode: data_latent needs 'pixels' from the data, which gives only "
+                                          "prompt;.*or change method_config.rollout_mode"):
         Trainer(cfg)
     assert not built
 

@@ -121,6 +121,11 @@ class DistillMethod(ABC):
         """"data" when the method trains on data latents (the data must carry them), else "zeros"."""
         return "data"
 
+    @classmethod
+    def data_latents_reason(cls, method_cfg: Any) -> str:
+        """What in the config makes the method need data latents, for the error when the data has none."""
+        return f"method {cls.name!r}"
+
     # -- step ------------------------------------------------------------------------------
 
     @abstractmethod

@@ -151,6 +151,35 @@ class ModelPlugin(ABC):
                    conditional: bool) -> torch.Tensor:
         """The role's estimate of x0 at (x_t, t), fp32."""
 
+    def denoiser_blocks(self, module: nn.Module) -> nn.ModuleList:
+        """The denoiser's sequence of transformer blocks (`module.blocks`, as in Wan and most DiTs)."""
+        return module.blocks
+
+    def block_features(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,
+                       blocks: list[int], conditional: bool = True) -> list[torch.Tensor]:
+        """Hidden states (B, tokens, width) after each of the chosen blocks of the role's denoiser at (x_t, t):
+        one forward through the role's engine, the blocks' outputs kept by forward hooks. Differentiable
+        with respect to x_t (and the role's weights, unless they are frozen for the call)."""
+        layers = self.denoiser_blocks(handle.modules[self.denoiser_key])
+        kept: dict[int, torch.Tensor] = {}
+
+        def keep(index: int):
+            def hook(module, args, output):
+                kept.setdefault(index, output[0] if isinstance(output, tuple) else output)
+            return hook
+
+        hooks = [layers[i].register_forward_hook(keep(i)) for i in blocks]
+        try:
+            self.predict_velocity(handle, x_t, t, batch, conditional=conditional)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [kept[i] for i in blocks]
+
+    def block_feature_shape(self, handle: RoleHandle) -> tuple[int, int]:
+        """(number of blocks, width of their hidden states) of the role's denoiser."""
+        raise NotImplementedError(f"model family {self.cfg.model.family!r} gives no block features")
+
     # -- sampling and export ---------------------------------------------------------------
 
     def validator(self) -> Validator:

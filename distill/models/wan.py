@@ -264,6 +264,10 @@ class WanPlugin(FlowMatchFamily):
         )[0]
         return out.float()
 
+    def block_feature_shape(self, handle: RoleHandle) -> tuple[int, int]:
+        config = handle.modules[self.denoiser_key].config
+        return config.num_layers, config.num_attention_heads * config.attention_head_dim
+
     # -- sampling and export ---------------------------------------------------------------
 
     def validator(self):

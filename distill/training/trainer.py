@@ -105,10 +105,11 @@ class Trainer:
             key = self.plugin.latents_key
             fields = getattr(self.dataset, "fields", ())
             if key not in fields:
+                reason = method_cls.data_latents_reason(self.cfg.method_config)
                 raise ConfigError(
-                    f"data: method {self.cfg.method!r} (as configured) trains on data latents, but the data "
-                    f"gives only {', '.join(fields) or 'nothing'}, no {key!r}; give shards that carry {key!r} "
-                    f"(see `distill preprocess`), or use a prompt-only mode (dmd2 rollout_mode: simulate)"
+                    f"data.shards: {reason} needs {key!r} from the data, which gives only "
+                    f"{', '.join(fields) or 'nothing'}; give shards that carry {key!r} "
+                    f"(`distill preprocess` without prompt_only), or change {reason.split(':')[0]}"
                 )
 
     # -- state -----------------------------------------------------------------------------

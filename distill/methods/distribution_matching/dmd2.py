@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from distill.adapter import Batch, LatentsSource
 from distill.errors import ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
+from distill.methods.distribution_matching.gan import GANHead, critic_gan_loss, generator_gan_loss
 from distill.methods.ema import EMA
 from distill.registry import register_method
 from distill.roles import RoleHandle
@@ -56,6 +57,18 @@ class DMD2Config:
     export then use the averaged weights."""
     ema_start_step: int = 0
     """Student updates before averaging starts; until then the EMA tracks the student's weights."""
+    gan_critic_weight: float = 0.0
+    """Weight of the real/fake classification loss added to the critic's (DMD2 §4.3; SDXL recipe 1e-2; 0 = no GAN).
+    Needs real samples: shards that carry latents (or pixels), also with rollout_mode simulate."""
+    gan_generator_weight: float = 0.0
+    """Weight of the student's non-saturating GAN loss added to the DMD loss (SDXL recipe 5e-3, ImageNet 3e-3)."""
+    gan_blocks: list[int] | None = None
+    """Blocks of the critic's denoiser whose hidden states the classifier reads (negative counts from the end);
+    unset = the middle block."""
+    gan_max_timestep_ratio: float = 1.0
+    """Real and student samples are noised to one t drawn uniformly in [0, this · T] (1000 in the SDXL recipe)."""
+    gan_head_hidden: int = 256
+    """Width of the classifier head's per-token projection."""
 
     def validate(self, path: str) -> None:
         steps = self.dmd_denoising_steps
@@ -79,6 +92,16 @@ class DMD2Config:
             raise ConfigError(f"{path}.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.ema_start_step < 0:
             raise ConfigError(f"{path}.ema_start_step: must be >= 0, got {self.ema_start_step}")
+        for key in ("gan_critic_weight", "gan_generator_weight"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{path}.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.gan_generator_weight and not self.gan_critic_weight:
+            raise ConfigError(f"{path}.gan_generator_weight ({self.gan_generator_weight}) needs "
+                              f"{path}.gan_critic_weight > 0: the classifier learns only from the critic's loss")
+        if not 0.0 < self.gan_max_timestep_ratio <= 1.0:
+            raise ConfigError(f"{path}.gan_max_timestep_ratio: must be in (0, 1], got {self.gan_max_timestep_ratio}")
+        if self.gan_head_hidden < 1:
+            raise ConfigError(f"{path}.gan_head_hidden: must be >= 1, got {self.gan_head_hidden}")
 
     @property
     def standard_guidance_scale(self) -> float:
@@ -117,18 +140,36 @@ class DMD2(DistillMethod):
         for i, s in enumerate(cfg.method_config.dmd_denoising_steps):
             if not 0 <= s <= T:
                 raise ConfigError(f"method_config.dmd_denoising_steps[{i}]: step {s} is outside [0, {T}]")
+        if cfg.method_config.gan_critic_weight and not cfg.data.shards:
+            raise ConfigError("method_config.gan_critic_weight: the GAN term needs real videos, but the data gives "
+                              "prompts only; set data.shards to shards that carry latents (`distill preprocess` "
+                              "without prompt_only), or set method_config.gan_critic_weight: 0")
         if cfg.method_config.ema_decay and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
             raise ConfigError("method_config.ema_decay: the EMA averages the student's whole weights on each rank, "
                               "which deepspeed.zero_optimization.stage 3 partitions; use stage 0-2 with an EMA")
 
     def build(self) -> None:
+        m = self.method_cfg
+        self.gan_blocks = self._add_gan_head() if m.gan_critic_weight else None  # before the critic's optimizer
         super().build()
         self.student = self.roles["student"]
         self.teacher = self.roles["teacher"]
         self.critic = self.roles["critic"]
         self.denoising_steps = self._denoising_steps()
-        m = self.method_cfg
         self.ema = EMA(self.student.modules, m.ema_decay, m.ema_start_step) if m.ema_decay else None
+
+    def _add_gan_head(self) -> list[int]:
+        """The classifier head, a module of the critic (it trains in the critic's engine); returns its blocks."""
+        critic = self.roles["critic"]
+        num_blocks, width = self.adapter.block_feature_shape(critic)
+        blocks = self.method_cfg.gan_blocks or [num_blocks // 2]
+        for i in blocks:
+            if not -num_blocks <= i < num_blocks:
+                raise ConfigError(f"method_config.gan_blocks: block {i} is outside the denoiser's {num_blocks} blocks")
+        blocks = [i % num_blocks for i in blocks]
+        critic.add_module("gan_head", GANHead(width, len(blocks), self.method_cfg.gan_head_hidden)
+                           .to(next(critic.parameters()).device))
+        return blocks
 
     def exported_modules(self) -> dict:
         return self.ema.modules if self.ema is not None else super().exported_modules()
@@ -161,7 +202,14 @@ class DMD2(DistillMethod):
 
     @classmethod
     def latents_source(cls, method_cfg: DMD2Config) -> LatentsSource:
-        return "zeros" if method_cfg.rollout_mode == "simulate" else "data"
+        # The GAN's real samples come from the data also when the student rolls out from noise.
+        return "zeros" if method_cfg.rollout_mode == "simulate" and not method_cfg.gan_critic_weight else "data"
+
+    @classmethod
+    def data_latents_reason(cls, method_cfg: DMD2Config) -> str:
+        if method_cfg.rollout_mode == "data_latent":
+            return "method_config.rollout_mode: data_latent"
+        return f"method_config.gan_critic_weight: {method_cfg.gan_critic_weight} (the GAN's real samples)"
 
     def is_student_update(self, iteration: int) -> bool:
         return iteration % self.method_cfg.generator_update_interval == 0
@@ -194,8 +242,12 @@ class DMD2(DistillMethod):
             metrics["generator_loss"] = loss_g.item()
             metrics.update(stats)
 
-        # 3. Critic update on the student's sample (reused, detached).
+        # 3. Critic update on the student's sample (reused, detached), and the classifier's loss.
         loss_c = self.critic_loss(x0_student.detach(), batch)
+        if self.gan_blocks is not None:
+            gan_c, gan_stats = self.critic_gan_loss(x0_student.detach(), batch)
+            metrics.update(critic_flow_loss=loss_c.item(), **gan_stats)
+            loss_c = loss_c + self.method_cfg.gan_critic_weight * gan_c
         check_finite(loss_c, "critic_loss", iteration)
         self.critic.backward(loss_c)
         self.critic.step()
@@ -245,9 +297,40 @@ class DMD2(DistillMethod):
         return real, fake
 
     def generator_loss(self, x0_student: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The student's loss, and what shows a collapse early: the DMD gradient's size and the x0 statistics."""
+        """The student's loss (DMD, plus the GAN term when on), and what shows a collapse early: the DMD
+        gradient's size and the x0 statistics."""
         real, fake = self.real_and_fake_x0(x0_student, batch)
-        return dmd_loss(x0_student, real, fake), dmd_statistics(x0_student, real, fake)
+        loss, stats = dmd_loss(x0_student, real, fake), dmd_statistics(x0_student, real, fake)
+        w = self.method_cfg.gan_generator_weight
+        if w:
+            t = self.gan_timesteps(batch.size, x0_student.device)
+            x_t = self.adapter.add_noise(x0_student, self.randn_like(x0_student), t)
+            with self.critic.frozen():  # the student's term trains neither critic nor head
+                gan = generator_gan_loss(self.discriminate(x_t, t, batch))
+            stats.update(dmd_loss=loss.item(), gan_generator_loss=gan.item())
+            loss = loss + w * gan
+        return loss, stats
+
+    # -- the GAN term -------------------------------------------------------------------------
+
+    def gan_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """t uniform in [0, gan_max_timestep_ratio · T]."""
+        T = self.adapter.num_train_timesteps
+        return (torch.rand(batch_size, generator=self.local_rng) * self.method_cfg.gan_max_timestep_ratio * T).to(device)
+
+    def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Real/fake logits (B,) of the critic's classifier head at (x_t, t)."""
+        features = self.adapter.block_features(self.critic, x_t, t, batch, blocks=self.gan_blocks)
+        return self.critic.module("gan_head")(features)
+
+    def critic_gan_loss(self, x0_fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The classifier's loss on real data and the (detached) student sample, noised to one t."""
+        t = self.gan_timesteps(batch.size, x0_fake.device)
+        logits_real = self.discriminate(self.adapter.add_noise(batch.latents, self.randn_like(x0_fake), t), t, batch)
+        logits_fake = self.discriminate(self.adapter.add_noise(x0_fake, self.randn_like(x0_fake), t), t, batch)
+        loss = critic_gan_loss(logits_real, logits_fake)
+        return loss, {"gan_critic_loss": loss.item(), "d_real": torch.sigmoid(logits_real).mean().item(),
+                      "d_fake": torch.sigmoid(logits_fake).mean().item()}
 
     def critic_loss(self, x0_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
         m = self.method_cfg
