@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=int, default=8)
     bench.add_argument("--seeds", type=int, default=4)
     bench.add_argument("--teacher-steps", type=int, default=50)
+    bench.add_argument("--no-teacher", action="store_true",
+                       help="skip the teacher's rows (another report of the same teacher, prompts and seeds has them)")
     bench.add_argument("--teacher-guidance", type=float, default=None)
     bench.add_argument("--real-videos", type=int, default=64)
     bench.add_argument("--metric", action="append", default=[], metavar="NAME=PATH",
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             from distill.config import StorageConfig
 
             spec = BenchSpec(prompts=args.prompts, seeds=args.seeds, teacher_steps=args.teacher_steps,
+                             teacher_rows=not args.no_teacher,
                              teacher_guidance=args.teacher_guidance, real_videos=args.real_videos, metrics=args.metric,
                              video_format=args.video_format)
             report = bench_checkpoint(args.checkpoint, spec, out=args.out, storage=StorageConfig(endpoint_url=args.endpoint_url),

@@ -114,8 +114,10 @@ def checkpoints(tmp_path_factory):
 
 def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
     args = ["--prompts", "3", "--seeds", "2", "--teacher-steps", "6", "--real-videos", "12"]
-    for step in ("step-000002", "step-000004"):
-        assert cli_main(["bench", str(checkpoints / "checkpoints" / step), *args, "--training-iterations", "3"]) == 0
+    assert cli_main(["bench", str(checkpoints / "checkpoints" / "step-000002"), *args, "--no-teacher"]) == 0
+    first = pd.read_parquet(checkpoints / "bench" / "step-000002" / "report.parquet")
+    assert list(first.model) == ["student", "data"]  # the teacher's rows are left to a sibling report
+    assert cli_main(["bench", str(checkpoints / "checkpoints" / "step-000004"), *args, "--training-iterations", "3"]) == 0
     report = checkpoints / "bench" / "step-000004"
     table = pd.read_parquet(report / "report.parquet")
     assert list(zip(table.model, table.sampler, table.steps)) == [("student", "sde", 4), ("teacher", "ode", 6),

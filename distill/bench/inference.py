@@ -39,6 +39,8 @@ class BenchSpec:
     """Videos per prompt."""
     teacher_steps: int = 50
     """Steps of the reference teacher (ode, with CFG)."""
+    teacher_rows: bool = True
+    """Sample the teacher's rows; off when a sibling report already has them (same teacher, prompts, seeds)."""
     teacher_guidance: float | None = None
     """CFG scale of the teacher; unset = the run's (DMD2's real-score scale, or flow matching's validation scale)."""
     real_videos: int = 64
@@ -135,7 +137,7 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
                                                         for name in ckpt.export_modules})
     runs = [(student, sampling)]
     teacher_role = cfg.roles.get("teacher")
-    if teacher_role is not None and not teacher_role.trainable and ckpt.export_role != "teacher":
+    if spec.teacher_rows and teacher_role is not None and not teacher_role.trainable and ckpt.export_role != "teacher":
         teacher = plugin.build_roles(["teacher"])["teacher"]
         w = spec.teacher_guidance if spec.teacher_guidance is not None else ckpt.method["reference_guidance"]
         reference = SamplingSpec(sampler_kind="ode", num_inference_steps=spec.teacher_steps, guidance_scale=w)
