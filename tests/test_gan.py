@@ -111,8 +111,11 @@ def test_the_head_learns_only_from_the_critic_s_loss_and_the_student_only_from_i
 
 
 def test_gan_and_ema_train_a_tiny_wan_student_in_the_engines(run_dir):
+    """With activation checkpointing: the critic stays frozen through the student's backward, where its
+    checkpointed blocks are recomputed (a critic unfrozen by then would recompute them differently)."""
     cfg = tiny_config(run_dir, method_config={"generator_update_interval": 2, "gan_critic_weight": 0.01,
                                               "gan_generator_weight": 0.005, "ema_decay": 0.9},
+                      model={"gradient_checkpointing": True},
                       training={"max_steps": 4, "batch_size": 2}, validation={"every": 4, "seeds": [0]},
                       data={"shards": "unused: the test gives the data set", "num_frames": 1})
     trainer = Trainer(cfg, dataset=LatentDataset("pixels", (3, 1, 16, 16)))

@@ -23,20 +23,24 @@ from distill.config import build_config
 
 
 class RandomEmbeddings(Dataset):
-    """Precomputed-looking text embeddings: what shards give the trainer at scale."""
+    """Precomputed-looking text embeddings (and, for the GAN's real samples, latents): what shards give
+    the trainer at scale."""
 
-    fields = ("prompt_embeds", "negative_prompt_embeds")
-
-    def __init__(self, n: int, length: int, dim: int, seed: int = 0):
+    def __init__(self, n: int, length: int, dim: int, seed: int = 0, latent_shape: tuple | None = None):
         g = torch.Generator().manual_seed(seed)
         self.embeds = torch.randn(n, length, dim, generator=g) * 0.1
         self.negative = torch.randn(length, dim, generator=g) * 0.1
+        self.latents = None if latent_shape is None else torch.randn(n, *latent_shape, generator=g)
+        self.fields = ("prompt_embeds", "negative_prompt_embeds") + (("vae_latent",) if latent_shape else ())
 
     def __len__(self) -> int:
         return len(self.embeds)
 
     def __getitem__(self, i: int) -> dict:
-        return {"prompt_embeds": self.embeds[i], "negative_prompt_embeds": self.negative}
+        item = {"prompt_embeds": self.embeds[i], "negative_prompt_embeds": self.negative}
+        if self.latents is not None:
+            item["vae_latent"] = self.latents[i]
+        return item
 
 
 def bench_config(args) -> dict:
@@ -50,11 +54,14 @@ def bench_config(args) -> dict:
         "method": "dmd2",
         "method_config": {"rollout_mode": "simulate", "dmd_denoising_steps": [1000, 750, 500, 250],
                           "warp_denoising_step": True, "generator_update_interval": args.interval,
-                          "real_score_guidance_scale": 3.5},
+                          "real_score_guidance_scale": 3.5,
+                          **({"gan_critic_weight": 1e-2, "gan_generator_weight": 5e-3} if args.gan else {}),
+                          **({"ema_decay": 0.99} if args.ema else {})},
         "training": {"max_steps": args.iterations, "batch_size": 1, "learning_rate": 2e-6, "betas": [0.0, 0.999],
                      "fake_score_learning_rate": 8e-6, "progress_bar": False, "log_every": 1},
         "data": {"prompts": ["unused: embeddings are given"], "num_frames": args.frames,
-                 "height": args.height, "width": args.width},
+                 "height": args.height, "width": args.width,
+                 **({"shards": "unused: embeddings and latents are given"} if args.gan else {})},
         "deepspeed": {"zero_optimization": {"stage": args.zero_stage}},
     }
 
@@ -71,6 +78,8 @@ def main(argv=None) -> dict:
     p.add_argument("--interval", type=int, default=5)
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--gan", action="store_true", help="with DMD2's GAN term (SDXL recipe weights)")
+    p.add_argument("--ema", action="store_true", help="with an EMA of the student")
     p.add_argument("--output", default="runs/bench-dmd2-step")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
@@ -80,7 +89,13 @@ def main(argv=None) -> dict:
 
     cfg = build_config(bench_config(args))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, dataset=RandomEmbeddings(4, args.text_length, args.text_dim))
+    latent_shape = None
+    if args.gan:  # the Wan VAE's latent grid of this video size (time stride 4, space 8)
+        from distill.models.wan import PRESETS
+
+        channels = PRESETS[args.preset]["vae"].get("z_dim", 16)
+        latent_shape = (channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    trainer = Trainer(cfg, dataset=RandomEmbeddings(4, args.text_length, args.text_dim, latent_shape=latent_shape))
     build_seconds = time.perf_counter() - t0
     figures = measure(trainer, iterations=args.iterations - 2, warmup=2)
     for row in figures["rows"]:
@@ -92,6 +107,8 @@ def main(argv=None) -> dict:
         "preset": args.preset,
         "zero_stage": args.zero_stage,
         "activation_checkpointing": not args.no_checkpointing,
+        "gan": args.gan,
+        "ema": args.ema,
         "build_seconds": round(build_seconds, 2),
         **figures,
     }

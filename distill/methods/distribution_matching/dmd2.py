@@ -232,9 +232,12 @@ class DMD2(DistillMethod):
 
         # 2. Student update: the distribution-matching loss.
         if update_student:
-            loss_g, stats = self.generator_loss(x0_student, batch)
-            check_finite(loss_g, "generator_loss", iteration)
-            self.student.backward(loss_g)
+            # The critic (and its head) takes no gradient from the student's loss: frozen through the
+            # backward too, where checkpointed activations are recomputed as they were computed.
+            with self.critic.frozen():
+                loss_g, stats = self.generator_loss(x0_student, batch)
+                check_finite(loss_g, "generator_loss", iteration)
+                self.student.backward(loss_g)
             steps = self.student.optimizer_steps
             self.student.step()
             if self.ema is not None and self.student.optimizer_steps > steps:  # a step was applied
@@ -298,15 +301,14 @@ class DMD2(DistillMethod):
 
     def generator_loss(self, x0_student: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The student's loss (DMD, plus the GAN term when on), and what shows a collapse early: the DMD
-        gradient's size and the x0 statistics."""
+        gradient's size and the x0 statistics. Call it with the critic frozen (`train_step` does)."""
         real, fake = self.real_and_fake_x0(x0_student, batch)
         loss, stats = dmd_loss(x0_student, real, fake), dmd_statistics(x0_student, real, fake)
         w = self.method_cfg.gan_generator_weight
         if w:
             t = self.gan_timesteps(batch.size, x0_student.device)
             x_t = self.adapter.add_noise(x0_student, self.randn_like(x0_student), t)
-            with self.critic.frozen():  # the student's term trains neither critic nor head
-                gan = generator_gan_loss(self.discriminate(x_t, t, batch))
+            gan = generator_gan_loss(self.discriminate(x_t, t, batch))  # through the frozen critic
             stats.update(dmd_loss=loss.item(), gan_generator_loss=gan.item())
             loss = loss + w * gan
         return loss, stats
