@@ -5,6 +5,9 @@
 #   scripts/gpu-results.sh shapes-students   the 4-step and the 1-step DMD2 students, trained side by side on one GPU
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
+#   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
+#   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first)
+#     and their comparison. A variant is a name below; a "1-" prefix makes it a 1-step student.
 # The shapes stages read shards from runs/gpu-data/shards (made beforehand, see docs/RESULTS.md).
 # Extra arguments are `--set` overrides for the training runs. Results go to ${OUT:-results}/.
 set -euo pipefail
@@ -20,7 +23,45 @@ resume() { [ -e "$1/checkpoints/latest" ] && echo --resume || true; }  # a stage
 bench_of() { echo "$1/bench/$(cat "$1/checkpoints/latest")"; }
 quiet() { grep -v -e Warning -e warn; }
 
+# DMD2 ablation (issue 11): overrides of configs/gpu/shapes-student-4.yaml (or -1.yaml), same data and budget.
+declare -A VARIANT=(
+  [dmd]=""
+  [ema]="method_config.ema_decay=0.99 method_config.ema_start_step=20"
+  [gan]="method_config.gan_critic_weight=0.01 method_config.gan_generator_weight=0.005"
+  [gan-ema]="method_config.gan_critic_weight=0.01 method_config.gan_generator_weight=0.005 method_config.ema_decay=0.99 method_config.ema_start_step=20"
+  [w2]="method_config.real_score_guidance_scale=2.0"
+  [w3]="method_config.real_score_guidance_scale=3.0"
+)
+variant_run() {  # variant_run NAME: the training command's arguments
+  local name=$1 steps=4 base=${1#1-}
+  [ "$name" != "$base" ] && steps=1
+  [ -n "${VARIANT[$base]+x}" ] || { echo "unknown variant $base" >&2; exit 2; }
+  local args=(configs/gpu/shapes-student-$steps.yaml --set "run.output=runs/gpu/ablation/$name" --set "run.name=ablation-$name")
+  for o in ${VARIANT[$base]}; do args+=(--set "$o"); done
+  echo "${args[@]}"
+}
+
 case "$stage" in
+  ablation-train)
+    for name in ${VARIANTS:?VARIANTS}; do variant_run "$name" > /dev/null; done  # unknown names stop here
+    for name in $VARIANTS; do
+      # shellcheck disable=SC2046
+      distill train $(variant_run "$name") $(resume "runs/gpu/ablation/$name") "${sets[@]}" > "$out/ablation-$name.log" 2>&1 &
+    done
+    wait
+    for name in $VARIANTS; do echo "$name: $(tail -n 1 "$out/ablation-$name.log")"; done
+    ;;
+  ablation-bench)
+    reports=() teacher=()
+    for name in ${VARIANTS:?VARIANTS}; do
+      distill bench "$(latest "runs/gpu/ablation/$name")" --prompts 24 --seeds 4 --teacher-steps 50 --real-videos 512 \
+        --video-format gif "${teacher[@]}" 2>&1 | tail -1
+      teacher=(--no-teacher)  # the same teacher, prompts and seeds: its rows are in the first report
+      reports+=("$(bench_of "runs/gpu/ablation/$name")")
+      cp "runs/gpu/ablation/$name/metrics.jsonl" "$out/ablation-$name-metrics.jsonl"
+    done
+    distill compare "${reports[@]}" --out "$out/ablation-compare"
+    ;;
   probes)
     python3 -m distill.bench.training configs/gpu/shapes-teacher.yaml --iterations 20 --profile \
       --json "$out/probe-teacher.json" 2>&1 | quiet > "$out/probe-teacher.txt"
