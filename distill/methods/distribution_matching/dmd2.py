@@ -303,7 +303,8 @@ class DMD2(DistillMethod):
         """The student's loss (DMD, plus the GAN term when on), and what shows a collapse early: the DMD
         gradient's size and the x0 statistics. Call it with the critic frozen (`train_step` does)."""
         real, fake = self.real_and_fake_x0(x0_student, batch)
-        loss, stats = dmd_loss(x0_student, real, fake), dmd_statistics(x0_student, real, fake)
+        grad = dmd_gradient(x0_student, real, fake)
+        loss, stats = dmd_loss(x0_student, real, fake, grad), dmd_statistics(x0_student, real, fake, grad)
         w = self.method_cfg.gan_generator_weight
         if w:
             t = self.gan_timesteps(batch.size, x0_student.device)
@@ -358,22 +359,24 @@ def dmd_gradient(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tenso
     return torch.nan_to_num((fake.float() - real.float()) / normalizer)
 
 
-def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """½ mse(x̂0, x̂0 − grad), in fp32.
+def dmd_loss(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
+             grad: torch.Tensor | None = None) -> torch.Tensor:
+    """½ mse(x̂0, x̂0 − grad), in fp32 (`grad`: dmd_gradient's, when already computed).
 
     Its gradient w.r.t. x̂0 is grad / numel: the normalised score difference, pushed
     through the student's parameters.
     """
     x0 = x0_student.float()
-    return 0.5 * F.mse_loss(x0, (x0 - dmd_gradient(x0_student, real, fake)).detach())
+    grad = dmd_gradient(x0_student, real, fake) if grad is None else grad
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
 
 
 @torch.no_grad()
-def dmd_statistics(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+def dmd_statistics(x0_student: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
+                   grad: torch.Tensor) -> dict[str, float]:
     """Logged beside the losses: the DMD gradient's RMS, and the spread of the student's, the teacher's
     (real) and the critic's (fake) x0. A student collapsing to few modes shows as a falling x0 std."""
-    grad = dmd_gradient(x0_student, real, fake)
-    return {"dmd_grad_rms": grad.pow(2).mean().sqrt().item(),
-            "student_x0_std": x0_student.float().std().item(),
-            "real_x0_std": real.float().std().item(), "fake_x0_std": fake.float().std().item(),
-            "real_fake_x0_gap": (fake.float() - real.float()).abs().mean().item()}
+    x0, real, fake = x0_student.float(), real.float(), fake.float()
+    values = torch.stack([grad.pow(2).mean().sqrt(), x0.std(), real.std(), fake.std(), (fake - real).abs().mean()])
+    keys = ("dmd_grad_rms", "student_x0_std", "real_x0_std", "fake_x0_std", "real_fake_x0_gap")
+    return dict(zip(keys, values.tolist()))  # one device sync for all five
