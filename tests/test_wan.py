@@ -201,3 +201,27 @@ def test_frozen_and_trainable_roles_share_numerics_so_the_critic_starts_as_the_t
     assert dtypes["scale_shift_table"].dtype == torch.float32
     assert dtypes["blocks.0.scale_shift_table"].dtype == torch.float32
     assert dtypes["blocks.0.ffn.net.0.proj.weight"].dtype == torch.bfloat16
+
+
+def test_block_features_stop_after_the_last_chosen_block_and_match_a_full_forward(run_dir):
+    plugin, roles = plugin_and_roles(tiny_config(run_dir))
+    critic = roles["critic"]
+    blocks = critic.modules["transformer"].blocks
+    assert len(blocks) == 2
+    batch = plugin.prepare_batch({"prompt": ["a red circle moving left"]}, latents_source="zeros")
+    x_t = torch.randn(1, *plugin.latent_shape, requires_grad=True)
+    t = torch.tensor([600.0])
+    second_block = []
+    hook = blocks[1].register_forward_hook(lambda module, args, output: second_block.append(output))
+    try:
+        (early,) = plugin.block_features(critic, x_t, t, batch, blocks=[0])
+        assert second_block == []  # the forward stopped before block 1
+        full = []
+        first = blocks[0].register_forward_hook(lambda module, args, output: full.append(output))
+        plugin.predict_velocity(critic, x_t, t, batch, conditional=True)
+        first.remove()
+    finally:
+        hook.remove()
+    assert len(second_block) == 1 and torch.equal(early, full[0])
+    early.pow(2).sum().backward()
+    assert x_t.grad is not None and x_t.grad.abs().sum() > 0

@@ -158,8 +158,9 @@ class ModelPlugin(ABC):
     def block_features(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,
                        blocks: list[int], conditional: bool = True) -> list[torch.Tensor]:
         """Hidden states (B, tokens, width) after each of the chosen blocks of the role's denoiser at (x_t, t):
-        one forward through the role's engine, the blocks' outputs kept by forward hooks. Differentiable
-        with respect to x_t (and the role's weights, unless they are frozen for the call)."""
+        a forward through the role's engine, the blocks' outputs kept by forward hooks, and stopped as the
+        block after the last chosen one starts (the rest of the network is not needed). Differentiable with
+        respect to x_t (and the role's weights, unless they are frozen for the call)."""
         layers = self.denoiser_blocks(handle.modules[self.denoiser_key])
         kept: dict[int, torch.Tensor] = {}
 
@@ -168,9 +169,20 @@ class ModelPlugin(ABC):
                 kept.setdefault(index, output[0] if isinstance(output, tuple) else output)
             return hook
 
+        def stop(module, args):
+            raise _FeaturesTaken
+
         hooks = [layers[i].register_forward_hook(keep(i)) for i in blocks]
+        after = max(blocks) + 1
+        # The stop runs before the next block starts, so every block whose output is kept has finished
+        # (and its checkpointed activations recompute cleanly in the backward). Not under ZeRO-3, whose
+        # parameter gathering expects every forward to finish.
+        if after < len(layers) and not _partitions_weights(handle):
+            hooks.append(layers[after].register_forward_pre_hook(stop))
         try:
             self.predict_velocity(handle, x_t, t, batch, conditional=conditional)
+        except _FeaturesTaken:
+            pass
         finally:
             for h in hooks:
                 h.remove()
@@ -190,6 +202,15 @@ class ModelPlugin(ABC):
         """Write a stock pipeline folder around an exported role's modules (`modules_folder/<name>/`),
         with a scheduler set up for `sampling`; returns the record of how to load and call it."""
         raise NotImplementedError(f"model family {self.cfg.model.family!r} cannot export a pipeline")
+
+
+class _FeaturesTaken(Exception):
+    """Ends a forward pass early: `block_features` has the hidden states it needs."""
+
+
+def _partitions_weights(handle: RoleHandle) -> bool:
+    engine = handle.engine
+    return engine is not None and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
