@@ -32,6 +32,7 @@ from distill.storage import open_store
 
 STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 GPU_JOBS_PER_HOST = 1
+GPU_LEASE_SECONDS = 60
 
 
 @contextlib.contextmanager
@@ -43,7 +44,9 @@ def gpu_slot():
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:  # the first GPU job on this host makes the limit
             client.upsert_global_concurrency_limit_by_name(name, GPU_JOBS_PER_HOST)
-    with concurrency(name, occupy=1, strict=True):
+    # The lease is renewed while the job lives; a job killed outright frees the slot when it lapses (60 s,
+    # the server's shortest), not after Prefect's default 300 s.
+    with concurrency(name, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
         yield
 
 # Cached tasks are keyed on their inputs; a caller passes refresh_cache=True (see `cached`) when the
