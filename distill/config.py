@@ -247,6 +247,11 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Artifact storage settings."""
 
+    @property
+    def zero_stage(self) -> int:
+        """The DeepSpeed ZeRO stage of the trainable roles' engines (0 when the deepspeed section sets none)."""
+        return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
     def validate(self, path: str) -> None:
         for key in ("bf16", "bfloat16", "fp16", "amp"):  # bfloat16: DeepSpeed's alias of bf16
             if key in self.deepspeed:

@@ -44,7 +44,7 @@ class Trainer:
         self.run_dir = self.folder.local
         self.checkpoints = CheckpointManager(self.folder.store, self.folder.local, rank=self.dist.rank,
                                              world_size=self.dist.world_size,
-                                             zero_stage=cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+                                             zero_stage=cfg.zero_stage)
         if resume is not None:
             resume = self.checkpoints.resolve(resume)
         elif self.checkpoints.list()[0]:

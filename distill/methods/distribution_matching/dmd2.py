@@ -144,7 +144,7 @@ class DMD2(DistillMethod):
             raise ConfigError("method_config.gan_critic_weight: the GAN term needs real videos, but the data gives "
                               "prompts only; set data.shards to shards that carry latents (`distill preprocess` "
                               "without prompt_only), or set method_config.gan_critic_weight: 0")
-        if cfg.method_config.ema_decay and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
+        if cfg.method_config.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("method_config.ema_decay: the EMA averages the student's whole weights on each rank, "
                               "which deepspeed.zero_optimization.stage 3 partitions; use stage 0-2 with an EMA")
 
