@@ -6,8 +6,12 @@
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
-#   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first)
-#     and their comparison. A variant is a name below; a "1-" prefix makes it a 1-step student.
+#   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
+#     4-step and the first 1-step one), side by side, and one comparison per step count.
+#   VARIANTS="..." scripts/gpu-results.sh ablation   both of the above, then the results into $OUT/ablation.tgz;
+#     run detached (setsid) so that it goes on between calls while the machine stays warm.
+#     A variant is a name below; a "1-" prefix makes it a 1-step student.
+# TEACHER_STOP=3000 stops the teacher's stage once that step's checkpoint is complete (the students start there).
 # The shapes stages read shards from runs/gpu-data/shards (made beforehand, see docs/RESULTS.md).
 # Extra arguments are `--set` overrides for the training runs. Results go to ${OUT:-results}/.
 set -euo pipefail
@@ -37,12 +41,14 @@ variant_run() {  # variant_run NAME: the training command's arguments
   [ "$name" != "$base" ] && steps=1
   [ -n "${VARIANT[$base]+x}" ] || { echo "unknown variant $base" >&2; exit 2; }
   local args=(configs/gpu/shapes-student-$steps.yaml --set "run.output=runs/gpu/ablation/$name" --set "run.name=ablation-$name")
+  [ -n "${TEACHER:-}" ] && args+=(--set "roles.teacher.init_from=$TEACHER")
   for o in ${VARIANT[$base]}; do args+=(--set "$o"); done
   echo "${args[@]}"
 }
 
 case "$stage" in
   ablation-train)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # several runs share the machine's cores
     for name in ${VARIANTS:?VARIANTS}; do variant_run "$name" > /dev/null; done  # unknown names stop here
     for name in $VARIANTS; do
       # shellcheck disable=SC2046
@@ -52,15 +58,31 @@ case "$stage" in
     for name in $VARIANTS; do echo "$name: $(tail -n 1 "$out/ablation-$name.log")"; done
     ;;
   ablation-bench)
-    reports=() teacher=()
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+    declare -A reports=() teacher_done=()
     for name in ${VARIANTS:?VARIANTS}; do
+      steps=4; [ "$name" != "${name#1-}" ] && steps=1
+      teacher=(--no-teacher)  # the same teacher, prompts and seeds: its rows are in the first report per step count
+      [ -z "${teacher_done[$steps]+x}" ] && teacher=() && teacher_done[$steps]=1
       distill bench "$(latest "runs/gpu/ablation/$name")" --prompts 24 --seeds 4 --teacher-steps 50 --real-videos 512 \
-        --video-format gif "${teacher[@]}" 2>&1 | tail -1
-      teacher=(--no-teacher)  # the same teacher, prompts and seeds: its rows are in the first report
-      reports+=("$(bench_of "runs/gpu/ablation/$name")")
-      cp "runs/gpu/ablation/$name/metrics.jsonl" "$out/ablation-$name-metrics.jsonl"
+        --video-format gif "${teacher[@]}" > "$out/bench-$name.log" 2>&1 &
+      reports[$steps]+=" $(bench_of "runs/gpu/ablation/$name")"
     done
-    distill compare "${reports[@]}" --out "$out/ablation-compare"
+    wait
+    for name in $VARIANTS; do echo "$name: $(tail -n 1 "$out/bench-$name.log")"; done
+    for steps in "${!reports[@]}"; do
+      # shellcheck disable=SC2086
+      distill compare ${reports[$steps]} --out "runs/gpu/ablation/compare-$steps" > /dev/null
+    done
+    ;;
+  ablation)
+    "$0" ablation-train "${@}"
+    "$0" ablation-bench
+    # reports, curves and configs (contact sheets, not the videos) come back in one file
+    find runs/gpu/ablation -name '*.gif' -prune -o -type f \( -path '*/bench/*' -o -path '*compare-*' \
+      -o -name metrics.jsonl -o -name config.yaml \) -print | tar czf "$out/ablation.tgz" -T -
+    cp "$out"/*.log runs/gpu/ablation/ 2>/dev/null || true
+    touch "$out/DONE"
     ;;
   probes)
     python3 -m distill.bench.training configs/gpu/shapes-teacher.yaml --iterations 20 --profile \
@@ -70,11 +92,24 @@ case "$stage" in
     grep -h -e mean_seconds -e student_update_seconds -e critic_only_seconds -e '"mfu' "$out"/probe-*.txt
     ;;
   shapes-teacher)
-    distill train configs/gpu/shapes-teacher.yaml $(resume runs/gpu/teacher) "${sets[@]}" 2>&1 | quiet | tail -3
-    # a bf16 copy of the exported teacher (12 MB) comes back, to carry into a later machine's call
+    # shellcheck disable=SC2046
+    python3 -m distill.cli train configs/gpu/shapes-teacher.yaml $(resume runs/gpu/teacher) "${sets[@]}" \
+      > "$out/teacher.log" 2>&1 &
+    pid=$!
+    if [ -n "${TEACHER_STOP:-}" ]; then
+      stop=$(printf 'step-%06d' "$TEACHER_STOP")
+      until [ "$(cat runs/gpu/teacher/checkpoints/latest 2>/dev/null)" = "$stop" ] || ! kill -0 $pid 2>/dev/null; do
+        sleep 2
+      done
+      kill $pid 2>/dev/null || true
+    fi
+    wait $pid || true
+    quiet < "$out/teacher.log" | grep -e loss -e trained | tail -3
+    # a bf16 copy of the exported teacher (12 MB) comes back, to carry into a later machine's call;
+    # TEACHER=runs/gpu/teacher-bf16 starts the ablation's students from the same copy
     python3 -c "import sys, torch; from diffusers import WanTransformer3DModel as W
-W.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])" \
-      "$(latest runs/gpu/teacher)/export/transformer" "$out/teacher"
+m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for d in sys.argv[2:]]" \
+      "$(latest runs/gpu/teacher)/export/transformer" "$out/teacher" runs/gpu/teacher-bf16
     ;;
   shapes-students)
     distill train configs/gpu/shapes-student-4.yaml $(resume runs/gpu/student-4) "${sets[@]}" > "$out/student-4.log" 2>&1 &
