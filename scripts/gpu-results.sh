@@ -28,21 +28,27 @@ bench_of() { echo "$1/bench/$(cat "$1/checkpoints/latest")"; }
 quiet() { grep -v -e Warning -e warn; }
 
 # DMD2 ablation (issue 11): overrides of configs/gpu/shapes-student-4.yaml (or -1.yaml), same data and budget.
-declare -A VARIANT=(
+# A variant joins parts with "+" (gan10+ema+w3); "gan-ema" is gan+ema; a "1-" prefix makes a 1-step student.
+declare -A PART=(
   [dmd]=""
   [ema]="method_config.ema_decay=0.99 method_config.ema_start_step=20"
-  [gan]="method_config.gan_critic_weight=0.01 method_config.gan_generator_weight=0.005"
-  [gan-ema]="method_config.gan_critic_weight=0.01 method_config.gan_generator_weight=0.005 method_config.ema_decay=0.99 method_config.ema_start_step=20"
+  [gan]="method_config.gan_critic_weight=0.01 method_config.gan_generator_weight=0.005"    # DMD2's SDXL weights
+  [gan10]="method_config.gan_critic_weight=0.1 method_config.gan_generator_weight=0.05"   # ten times those
+  [gan100]="method_config.gan_critic_weight=1.0 method_config.gan_generator_weight=0.5"
   [w2]="method_config.real_score_guidance_scale=2.0"
   [w3]="method_config.real_score_guidance_scale=3.0"
+  [long]="training.max_steps=4800 training.checkpoint_every=1600 validation.every=4800"    # three times the budget
 )
 variant_run() {  # variant_run NAME: the training command's arguments
-  local name=$1 steps=4 base=${1#1-}
+  local name=$1 steps=4 base=${1#1-} part
   [ "$name" != "$base" ] && steps=1
-  [ -n "${VARIANT[$base]+x}" ] || { echo "unknown variant $base" >&2; exit 2; }
   local args=(configs/gpu/shapes-student-$steps.yaml --set "run.output=runs/gpu/ablation/$name" --set "run.name=ablation-$name")
   [ -n "${TEACHER:-}" ] && args+=(--set "roles.teacher.init_from=$TEACHER")
-  for o in ${VARIANT[$base]}; do args+=(--set "$o"); done
+  for part in ${base//+/ }; do
+    if [ "$part" = gan-ema ]; then for o in ${PART[gan]}; do args+=(--set "$o"); done; part=ema; fi
+    [ -n "${PART[$part]+x}" ] || { echo "unknown variant part $part (in $name)" >&2; exit 2; }
+    for o in ${PART[$part]}; do args+=(--set "$o"); done
+  done
   echo "${args[@]}"
 }
 
