@@ -210,7 +210,7 @@ def test_a_checkpoint_of_an_older_layout_is_refused_before_any_model_is_built(ru
     del manifest["format"], manifest["sampling"], manifest["method"]  # as the first layout wrote it
     path.write_text(json.dumps(manifest))
     monkeypatch.setattr("distill.models.base.ModelPlugin.build_roles", lambda *a, **k: pytest.fail("built roles"))
-    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 2"):
+    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 3 \\(and 2\\)"):
         Trainer(tiny_config(run_dir, training={"max_steps": 3}), resume="latest")
-    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 2"):
+    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 3 \\(and 2\\)"):
         open_checkpoint(str(run_dir / "checkpoints" / "step-000002"))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from distill import registry
 from distill.config import Config, ConfigError
-from distill.data.shards import FORMAT_VERSION, MANIFEST, NEGATIVE, read_record, write_shard
+from distill.data.shards import FORMAT_VERSION, MANIFEST, NEGATIVE, file_record, read_record, write_shard
 from distill.errors import InputError
 from distill.storage import open_store
 from distill.video import read_video
@@ -171,7 +171,7 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
     negative = trim_padding(plugin.encode_prompts([d.negative_prompt], cache=False))[0]
     staging.mkdir(parents=True, exist_ok=True)
     save_file({"negative_prompt_embeds": negative.to(torch.bfloat16).contiguous().cpu()}, str(staging / NEGATIVE))
-    store.put_file(staging / NEGATIVE, NEGATIVE)
+    negative_record = file_record(store, staging / NEGATIVE)
     manifest = {
         "format_version": FORMAT_VERSION,
         "count": len(items),
@@ -179,6 +179,7 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
         "model": plan["model"],
         "video": plan["video"],
         "negative_prompt": d.negative_prompt,
+        "negative": negative_record,
         "shards": records,
     }
     store.put_text(json.dumps(manifest, indent=1), MANIFEST)
