@@ -79,7 +79,7 @@ def file_record(store: ArtifactStore, path: Path) -> dict:
 def read_record(store: ArtifactStore, index: int) -> dict | None:
     """The record of a complete shard, or None when the shard is missing, partial or damaged.
 
-    Locally the file's checksum is checked; in a remote store its size (the checksum is
+    Locally the file's checksum is checked; in a remote store its size and ETag (the checksum is
     checked again when training first loads the shard).
     """
     name = shard_name(index)
@@ -87,6 +87,8 @@ def read_record(store: ArtifactStore, index: int) -> dict | None:
         return None
     record = json.loads(store.get_text(f"{name}.json"))
     if store.size(record["file"]) != record["bytes"]:
+        return None
+    if record.get("etag") and store.etag(record["file"]) != record["etag"]:
         return None
     if store.is_local and sha256_of(Path(store.root) / record["file"]) != record["sha256"]:
         return None

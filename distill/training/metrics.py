@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -76,4 +77,6 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         kept = [row for row in parse_metrics(path.read_text()) if row["step"] <= step]
-        path.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
+        tmp = path.with_name(path.name + ".tmp")  # a kill while writing must not lose the rows kept
+        tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
+        os.replace(tmp, path)
