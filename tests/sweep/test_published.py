@@ -317,3 +317,102 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_complete_one(run, trained
     # The exported weights intact again: a resume still names the damaged engine state.
     shutil.copy(trained / "checkpoints" / STEP2 / weights, checkpoint / weights)
     assert f"{checkpoint}/{state}: " in refused("train", config, "--resume")
+
+
+# -- 7: shards are verified before training; a shard damaged later costs no work ----------------
+
+
+@pytest.fixture
+def shard_run(tmp_path, capsys) -> tuple[Path, Path, Path]:
+    """Prompt-only shards of one prompt each (shard-00000..00002), and a run config training on them."""
+    data = {"prompts": PROMPTS, "prompt_only": True, "shards": str(tmp_path / "shards"), "shard_size": 1}
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", data=data,
+                          training={"max_steps": 6, "checkpoint_every": 0})
+    assert cli_main(["preprocess", str(config)]) == 0
+    capsys.readouterr()
+    return tmp_path / "shards", tmp_path / "run", config
+
+
+def test_a_damaged_shard_is_found_before_training_and_the_run_folder_goes(shard_run, capsys, monkeypatch):
+    shards, run, config = shard_run
+    monkeypatch.setattr("distill.models.base.ModelPlugin.build_roles",
+                        lambda *a, **k: pytest.fail("roles built before the shards were verified"))
+    for name in ("shard-00002.safetensors", "negative.safetensors"):
+        intact = (shards / name).read_bytes()
+        damage(shards / name, "flipped")
+        code, err = distill(capsys, "train", config)
+        assert code == 2
+        assert f"{shards}/{name}: checksum differs from MANIFEST.json (the file changed or is damaged)" \
+            in one_line_error(err)
+        assert not run.exists()  # the run folder it made is removed: a failed start leaves nothing behind
+        (shards / name).write_bytes(intact)
+
+
+def test_a_shard_damaged_mid_run_is_checkpointed_before_stopping(shard_run, capsys, monkeypatch):
+    shards, run, config = shard_run
+    intact = {p: p.read_bytes() for p in shards.glob("shard-*.safetensors")}
+    real_iteration = Trainer.train_iteration
+
+    def iteration(self):
+        if self.iteration == 3 and not getattr(self, "damaged", False):  # after training started: every shard
+            self.damaged = True
+            for path in intact:
+                damage(path, "flipped")
+        return real_iteration(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_iteration", iteration)
+        code, err = distill(capsys, "train", config)
+    line = one_line_error(err)
+    stopped = latest(run)
+    assert code == 2 and "checksum differs from MANIFEST.json" in line
+    assert f"saved {stopped} before stopping: restore the shard, then resume with --resume" in line
+    assert stopped in ("step-000003", "step-000004", "step-000005")
+    assert [r["step"] for r in strict_rows(run)] == list(range(1, int(stopped[-1]) + 1))
+
+    for path, data in intact.items():
+        path.write_bytes(data)
+    code, err = distill(capsys, "train", config, "--resume")
+    assert code == 0, err
+    assert latest(run) == "step-000006" and [r["step"] for r in strict_rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+# -- more of the same kinds, found by sweeping ----------------------------------------------------
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(run, capsys):
+    folder, _ = run
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "critic_lo')  # the process died mid-write
+    config = write_config(folder.parent / "longer.yaml", folder, training={"max_steps": 3})
+    code, err = distill(capsys, "train", config, "--resume")
+    assert code == 0, err
+    assert [r["step"] for r in strict_rows(folder)] == [1, 2, 3]
+
+
+def test_a_run_in_s3_leaves_no_temporary_folder_and_checks_shards_by_etag(tmp_path, s3, capsys, monkeypatch):
+    """Without storage.local_dir a remote run works in a temporary folder: removed when done or failed. A shard
+    object replaced in the bucket (same size) is refused by its ETag before training, with no download."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    root = f"s3://{s3.bucket}/published-{tmp_path.name}"
+    data = {"prompts": PROMPTS, "prompt_only": True, "shards": f"{root}/shards", "shard_size": 1}
+    storage = {"endpoint_url": s3.endpoint, "retries": 2, "backoff_seconds": 0.05}
+    config = write_config(tmp_path / "run.yaml", f"{root}/run", data=data, storage=storage)
+    code, err = distill(capsys, "preprocess", config)
+    assert code == 0, err
+    code, err = distill(capsys, "train", config)
+    assert code == 0, err
+    ours = lambda: sorted(p.name for p in (tmp_path / "tmp").glob("distill-*"))  # noqa: E731
+    assert ours() == []  # no distill-run-*, distill-preprocess-*
+
+    client, key = s3.client(), f"{root.split('/', 3)[3]}/shards/shard-00001.safetensors"
+    body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=s3.bucket, Key=key, Body=body[:-1] + bytes([body[-1] ^ 0xFF]))
+    code, err = distill(capsys, "train", config, "--set", f"run.output={root}/run2")
+    assert code == 2
+    assert f"{root}/shards/shard-00001.safetensors: checksum differs from MANIFEST.json" in one_line_error(err)
+    assert ours() == []
+    assert "Contents" not in client.list_objects_v2(Bucket=s3.bucket, Prefix=f"{key.split('/')[0]}/run2")
