@@ -274,9 +274,8 @@ def fetch_export(uri: str, store: ArtifactStore, manifest: dict, folder: Path, r
 
 
 _EXPORTS: dict[tuple, tuple[str, object]] = {}
-"""Checkpoint exports resolved (verified, downloaded) in this process: (path, endpoint, manifest's creation time)
--> (folder, its temp dir).
-A run resolves its init_from sources before it builds anything, and again when it builds the roles."""
+"""Exports verified (and downloaded) in this process, by (path, endpoint, manifest's time) -> (folder, temp dir):
+a run resolves its init_from sources before it builds anything, and again when it builds the roles."""
 
 
 def resolve_export(path: str, storage: StorageConfig | None = None) -> str | None:
@@ -289,7 +288,10 @@ def resolve_export(path: str, storage: StorageConfig | None = None) -> str | Non
         store = open_store(root, storage)
         if not store.exists(LATEST):
             raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
-        path = f"{root}/{store.get_text(LATEST).strip()}"
+        name = store.get_text(LATEST).strip()
+        if not NAME.fullmatch(name):
+            raise CheckpointError(f"{path}: names {name!r}, not a checkpoint of the run")
+        path = f"{root}/{name}"
     store = open_store(path, storage)
     if not store.exists(MANIFEST) and not store.exists(WITHDRAWN):
         return None

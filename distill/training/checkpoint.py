@@ -129,6 +129,8 @@ class CheckpointManager:
             self.store.upload_folder(staging, prefix)
             shutil.rmtree(staging)
         _barrier()
+        # Each file's bytes and sha256 for the manifest. Hashing reads every file back: for a real model's
+        # weights and optimizer states, tens of GB, some seconds a save, shared out over the ranks.
         if self.store.is_local:  # every rank's files in one folder: the ranks hash a share each
             files = sorted(p for p in staging.rglob("*") if p.is_file())
             records = self._file_records(staging, files[self.rank :: self.world_size])
@@ -275,6 +277,9 @@ class CheckpointManager:
         if contents.export_is_state:
             for key, module in contents.export.items():
                 module.load_state_dict(_read_safetensors(folder / EXPORT / key, where))
+        if not self.store.is_local:
+            shutil.rmtree(folder)  # the downloaded copy (many GB for a real model) is read: gone
+        del self._verified[name]
         return name
 
     def _fetch(self, prefix: str) -> Path:

@@ -220,8 +220,8 @@ class Trainer:
         ranks = ranks_where(bool(bad))
         if ranks:
             raise NonFiniteError(f"weights became non-finite (NaN or Inf) at iteration {self.iteration - 1} on rank "
-                                 f"{', '.join(map(str, ranks))}{': ' + described(bad) if bad else ''}; lower "
-                                 f"training.learning_rate (or fake_score_learning_rate)")
+                                 f"{', '.join(map(str, ranks))}{': ' + described(bad) if bad else ''}; the usual "
+                                 f"cause is a learning rate too large (training.learning_rate and its per-role keys)")
 
     def checkpoint_due(self) -> bool:
         every = self.cfg.training.checkpoint_every
