@@ -125,6 +125,7 @@ def test_sigkill_then_resume_from_s3_gives_identical_losses(tmp_path, s3, refere
     metrics = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/metrics.jsonl")["Body"].read().decode()
     assert losses(parse(metrics)) == reference.losses
     assert latest() == "step-000040"
+    assert list((tmp_path / "work").glob(".resume/*")) == []  # the downloaded checkpoint is gone once loaded
 
     # Credentials appear nowhere: not in output, config, metrics or checkpoint files.
     texts = [proc.stdout, proc.stderr]

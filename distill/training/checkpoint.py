@@ -277,15 +277,18 @@ class CheckpointManager:
         if contents.export_is_state:
             for key, module in contents.export.items():
                 module.load_state_dict(_read_safetensors(folder / EXPORT / key, where))
-        if not self.store.is_local:
-            shutil.rmtree(folder)  # the downloaded copy (many GB for a real model) is read: gone
+        if not self.store.is_local:  # the downloaded copy (many GB for a real model) is read: gone
+            shutil.rmtree(self._download_root())
         del self._verified[name]
         return name
+
+    def _download_root(self) -> Path:
+        return self.local_root / ".resume" / f"rank-{self.rank:05d}"
 
     def _fetch(self, prefix: str) -> Path:
         if self.store.is_local:
             return Path(self.store.root) / prefix
-        folder = self.local_root / ".resume" / f"rank-{self.rank:05d}" / prefix
+        folder = self._download_root() / prefix
         if folder.exists():
             shutil.rmtree(folder)
         self.store.download_folder(prefix, folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from distill.cli import main as cli_main
+from distill.finite import nonfinite_in_safetensors
 from distill.roles import RoleHandle
 from distill.training.trainer import Trainer
 from tiny import PROMPTS, tiny_raw
@@ -41,8 +43,9 @@ def distill(capsys, *argv) -> tuple[int, str]:
 
 
 def one_line_error(err: str, kind: str = "input error") -> str:
+    """The one `distill: <kind>: ...` line of stderr; no traceback."""
     lines = [line for line in err.splitlines() if line.startswith("distill: ")]
-    assert len(lines) == 1 and lines[0].startswith(f"distill: {kind}: "), err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"distill: {kind}: ") and "Traceback" not in err, err[-2000:]
     return lines[0]
 
 
@@ -118,6 +121,7 @@ def test_weights_that_turn_nan_stop_the_run_before_they_are_saved(tmp_path, caps
     assert "weights became non-finite (NaN or Inf) at iteration 2 on rank 0: critic.transformer." in line
     assert "latest is step-000002, the last checkpoint whose weights are finite" in line
     assert latest(run) == STEP2 and not (run / "checkpoints" / "step-000003").exists()
+    assert nonfinite_in_safetensors(run / "checkpoints" / STEP2) == []
     rows = strict_rows(run)  # an Inf metric is written as null: still valid JSON
     assert [r["step"] for r in rows] == [1, 2] and all(r["probe"] is None for r in rows)
 
@@ -173,9 +177,10 @@ def test_after_weights_blow_up_latest_goes_back_to_finite_ones_and_resume_works(
     assert [r["step"] for r in strict_rows(run)] == [1, 2, 3, 4]
 
 
-def test_nonfinite_gradients_are_refused_not_silently_skipped(tmp_path, capsys, monkeypatch):
+def test_nonfinite_gradients_are_refused_not_silently_skipped(tmp_path, capsys, monkeypatch, caplog):
     """DeepSpeed (fp32) skips a step whose gradient norm is not finite with a log warning only: a run whose
     gradients stay non-finite would train nothing while looking healthy."""
+    caplog.set_level(logging.ERROR, logger="DeepSpeed")  # its warning's handler may hold an earlier test's stderr
     run = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", run, training={"max_steps": 4})
     real_iteration = Trainer.train_iteration
@@ -242,6 +247,9 @@ def test_resume_accepts_only_this_runs_checkpoint_names(run, trained, capsys, mo
         assert code == 2 and f"{other}: not a checkpoint name of the run {folder}" in line
         assert "(step-000001, step-000002, or latest)" in line and "roles.<role>.init_from" in line
     assert files_of(folder) == before
+    (folder / "checkpoints" / "latest").write_text(f"../../{trained.name}/checkpoints/{STEP1}")  # a damaged latest
+    code, err = distill(capsys, "train", config, "--resume")
+    assert code == 2 and f"../../{trained.name}/checkpoints/{STEP1}: not a checkpoint name" in one_line_error(err)
 
 
 def test_resume_from_an_older_checkpoint_keeps_the_newer_unless_forced(run, capsys, monkeypatch):
@@ -403,8 +411,8 @@ def test_a_run_in_s3_leaves_no_temporary_folder_and_checks_shards_by_etag(tmp_pa
     config = write_config(tmp_path / "run.yaml", f"{root}/run", data=data, storage=storage)
     code, err = distill(capsys, "preprocess", config)
     assert code == 0, err
-    code, err = distill(capsys, "train", config)
-    assert code == 0, err
+    assert cli_main(["train", str(config)]) == 0
+    assert f"run folder: {root}/run;" in capsys.readouterr().out  # the store, not a temporary folder
     ours = lambda: sorted(p.name for p in (tmp_path / "tmp").glob("distill-*"))  # noqa: E731
     assert ours() == []  # no distill-run-*, distill-preprocess-*
 
@@ -416,3 +424,9 @@ def test_a_run_in_s3_leaves_no_temporary_folder_and_checks_shards_by_etag(tmp_pa
     assert f"{root}/shards/shard-00001.safetensors: checksum differs from MANIFEST.json" in one_line_error(err)
     assert ours() == []
     assert "Contents" not in client.list_objects_v2(Bucket=s3.bucket, Prefix=f"{key.split('/')[0]}/run2")
+
+    # Preprocessing again (the manifest gone) does not take the replaced object for a finished shard.
+    client.delete_object(Bucket=s3.bucket, Key=key.replace("shard-00001.safetensors", "MANIFEST.json"))
+    code, err = distill(capsys, "preprocess", config)
+    assert code == 0, err
+    assert client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() == body
