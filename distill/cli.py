@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from the run's latest checkpoint, or from the one named (step-000500)")
+    train.add_argument("--force", action="store_true",
+                       help="with --resume of an older checkpoint: drop the run's newer checkpoints (refused otherwise)")
     prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
     prep.add_argument("config", help="run config (YAML): its model and data sections")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -114,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from distill.training.trainer import Trainer
 
-        trainer = Trainer(cfg, resume=args.resume)
+        if args.force and args.resume is None:
+            raise ConfigError("--force: only with --resume (it drops the checkpoints newer than the one resumed from)")
+        trainer = Trainer(cfg, resume=args.resume, force=args.force)
+        if trainer.dist.is_main and trainer.dropped:
+            print(f"--force: dropped the newer checkpoints {', '.join(trainer.dropped)}", file=sys.stderr)
         history = trainer.train()
     except InputError as err:
         kind = "config error" if isinstance(err, ConfigError) else "input error"
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if trainer.dist.is_main and history:
         last = history[-1]
-        print(f"trained {trainer.iteration} iterations; run folder: {trainer.run_dir}; last: "
+        print(f"trained {trainer.iteration} iterations; run folder: {trainer.folder.store.uri}; last: "
               + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step" and v == v))
     return 0
 

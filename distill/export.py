@@ -26,9 +26,9 @@ def export(checkpoint: str, out_dir: str | Path, storage: StorageConfig | None =
 
     ckpt = open_checkpoint(checkpoint, storage)
     cfg = ckpt.config
-    plugin = registry.get_model(cfg.model.family)(cfg, device=torch.device("cpu"), frozen_dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = ckpt.fetch_export(Path(tmp))
+        folder = ckpt.fetch_export(Path(tmp))  # verified (files, finite weights) before anything is built
+        plugin = registry.get_model(cfg.model.family)(cfg, device=torch.device("cpu"), frozen_dtype=torch.float32)
         record = plugin.export_pipeline(folder, Path(out_dir), SamplingSpec.from_dict(ckpt.sampling))
     record.update(checkpoint=checkpoint, step=ckpt.step, role=ckpt.export_role, weights=ckpt.method["weights"],
                   method=cfg.method)

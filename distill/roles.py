@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, NonFiniteError
 
 
 class RoleError(ConfigError):
@@ -81,6 +82,12 @@ class RoleHandle:
         for module in self.modules.values():
             yield from module.parameters()
 
+    def named_parameters(self):
+        """(`<module>.<parameter>`, parameter) pairs, as the role's engine names them."""
+        for key, module in self.modules.items():
+            for name, param in module.named_parameters():
+                yield f"{key}.{name}", param
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -91,22 +98,36 @@ class RoleHandle:
             loss.backward()
 
     def step(self) -> None:
-        """Optimizer step (the engine applies it at the accumulation boundary), then zero grads."""
+        """Optimizer step (the engine applies it at the accumulation boundary), then zero grads.
+
+        A gradient holding NaN or Inf is refused (NonFiniteError) rather than stepped into the weights;
+        DeepSpeed in fp32 skips such a step by itself, and saying nothing would train nothing.
+        """
         if self.engine is not None:
+            boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
             if self.engine.was_step_applied():  # True only where the accumulation boundary applied a step
                 norm = self.engine.get_global_grad_norm()
                 self.last_grad_norm = float(norm) if norm is not None else None
                 self.optimizer_steps += 1
+            elif boundary:  # no fp16 loss scaling here: a skipped step means a gradient norm that is not finite
+                raise self._refused()
             return
         params = self.trainable_parameters()
-        if self.max_grad_norm > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
+        self.last_grad_norm = float(norm)
+        if not math.isfinite(self.last_grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._refused()
         self.optimizer.step()
         self.optimizer_steps += 1
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _refused(self) -> NonFiniteError:
+        return NonFiniteError(f"role {self.name!r}: the gradient is not finite (NaN or Inf); its optimizer step was "
+                              f"refused and training stops")
 
     @property
     def lr(self) -> float:

@@ -6,7 +6,10 @@
         export/<module>/             the exported role's modules as diffusers folders (export/transformer)
         trainer/rank-00000.pt        each rank's stateful objects (loop, method, data position, RNG)
         config.yaml
-        MANIFEST.json                written last, once every rank's files are in the store
+        MANIFEST.json                written last, once every rank's files are in the store: each
+                                     file's bytes and sha256 (layout 3), checked before anything is built
+        WITHDRAWN.json               instead of MANIFEST.json: published, then found to hold weights
+                                     that give non-finite values; never resumed from
     latest                           names the newest complete checkpoint; written after its manifest
 
 The one place that knows these names: training writes through it, and models (`init_from` a
@@ -15,7 +18,10 @@ checkpoint), bench, export and flows read through it. Works on any store, local 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +30,21 @@ import yaml
 
 from distill.config import Config, StorageConfig, build_config
 from distill.errors import InputError
-from distill.storage import ArtifactStore, open_store
+from distill.storage import ArtifactStore, open_store, sha256_of
 
 ROOT = "checkpoints"
 MANIFEST = "MANIFEST.json"
+WITHDRAWN = "WITHDRAWN.json"
 LATEST = "latest"
 KEEP = "KEEP"
 EXPORT = "export"
-FORMAT = 2
-"""Version of the checkpoint layout; 2 = roles of named modules, sampling and method metadata in the manifest."""
+CONFIG = "config.yaml"
+FORMAT = 3
+"""Version of the checkpoint layout: 2 = roles of named modules, sampling and method metadata in the
+manifest; 3 = each file's bytes and sha256 in the manifest."""
+READABLE = (2, 3)
+"""Layouts this version reads. A layout-2 checkpoint has no sizes or checksums: its files are checked for presence."""
+NAME = re.compile(r"step-\d{6,}")
 
 
 class CheckpointError(InputError):
@@ -56,16 +68,29 @@ def latest_checkpoint(run: ArtifactStore) -> str | None:
 
 
 def resolve_checkpoint(run: ArtifactStore, name: str) -> str:
-    """A complete checkpoint's name from `name` or "latest"; CheckpointError naming what is there otherwise."""
+    """A complete checkpoint's name from `name` or "latest"; CheckpointError naming what is there otherwise.
+
+    Only the run's own names are accepted: a path (into another run, or out of the folder) is refused.
+    """
     if name == LATEST:
         name = latest_checkpoint(run)
         if name is None:
             raise CheckpointError(f"{run.key_uri(ROOT)}: no checkpoint to resume from (no `latest`)")
+    if not NAME.fullmatch(name):
+        complete, _ = list_checkpoints(run)
+        raise CheckpointError(f"{name}: not a checkpoint name of the run {run.uri}; a run resumes only from its "
+                              f"own checkpoints ({', '.join(complete) or 'none yet'}, or latest). To start from "
+                              f"another run's checkpoint, set roles.<role>.init_from to it in a new run")
     if not run.exists(f"{ROOT}/{name}/{MANIFEST}"):
         complete, _ = list_checkpoints(run)
-        raise CheckpointError(f"{run.key_uri(f'{ROOT}/{name}')}: not a complete checkpoint "
+        withdrawn = " (withdrawn: its weights give non-finite values)" if run.exists(f"{ROOT}/{name}/{WITHDRAWN}") else ""
+        raise CheckpointError(f"{run.key_uri(f'{ROOT}/{name}')}: not a complete checkpoint{withdrawn} "
                               f"(complete ones: {', '.join(complete) or 'none'})")
     return name
+
+
+def step_of(name: str) -> int:
+    return int(name.split("-")[1])
 
 
 def checkpoint_uris(output: str, storage: StorageConfig | None = None) -> list[str]:
@@ -82,6 +107,68 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str]:
     return "/".join(parts[:-2]), parts[-1]
 
 
+# -- verifying a checkpoint's files -----------------------------------------------------------
+# A checkpoint's files are checked against its manifest before anything is built from them: sizes
+# first (one stat or HEAD a file), then sha256. Hashing reads every byte, many GB for a real model's
+# weights and optimizer states: that is accepted on each resume, export, bench and init_from (it
+# costs less than loading them), and readers check only the files they read.
+
+
+def file_records(manifest: dict, under: str = "") -> dict[str, dict]:
+    """The manifest's file records (path in the checkpoint -> bytes, sha256), of the files under `under`."""
+    files = manifest.get("files", {})
+    if isinstance(files, list):  # layout 2: run-relative keys, nothing known of their content
+        prefix = f"{ROOT}/{manifest['name']}/"
+        files = {k.removeprefix(prefix): {} for k in files}
+    return {rel: record for rel, record in files.items() if rel.startswith(under)}
+
+
+def check_sizes(store: ArtifactStore, prefix: str, records: dict[str, dict]) -> None:
+    """Each recorded file is in the store (at `prefix`) with its recorded size; CheckpointError naming it."""
+    for rel, record in records.items():
+        key = f"{prefix}/{rel}" if prefix else rel
+        size = store.size(key)
+        if size is None:
+            raise CheckpointError(f"{store.key_uri(key)}: missing ({MANIFEST} lists it)")
+        if "bytes" in record and size != record["bytes"]:
+            raise CheckpointError(f"{store.key_uri(key)}: {size} bytes, {MANIFEST} says {record['bytes']} "
+                                  f"(truncated or changed)")
+
+
+def check_checksums(folder: Path, records: dict[str, dict], where) -> None:
+    """Each recorded file under the local `folder` has its recorded sha256; `where(rel)` names a file in errors."""
+    for rel, record in records.items():
+        if "sha256" in record and sha256_of(folder / rel) != record["sha256"]:
+            raise CheckpointError(f"{where(rel)}: checksum differs from {MANIFEST} (the file is damaged or changed)")
+
+
+def newest_intact(run: ArtifactStore, besides: str) -> str | None:
+    """The newest complete checkpoint other than `besides` whose files have their recorded sizes."""
+    for name in reversed(list_checkpoints(run)[0]):
+        if name == besides:
+            continue
+        try:
+            check_sizes(run, f"{ROOT}/{name}", file_records(read_manifest(run, f"{ROOT}/{name}")))
+        except CheckpointError:
+            continue
+        return name
+    return None
+
+
+@contextlib.contextmanager
+def naming_the_newest(run: ArtifactStore | None, name: str):
+    """A CheckpointError raised inside also names the run's newest intact checkpoint besides `name`."""
+    try:
+        yield
+    except CheckpointError as err:
+        other = newest_intact(run, name) if run is not None else None
+        hint = f"the newest complete checkpoint of the run is {other}" if other else "the run has no other complete checkpoint"
+        raise CheckpointError(f"{err}; {hint}") from None
+
+
+# -- reading a checkpoint ------------------------------------------------------------------------
+
+
 @dataclass
 class Checkpoint:
     """A complete checkpoint, opened for reading: its store, manifest and run config."""
@@ -90,6 +177,8 @@ class Checkpoint:
     store: ArtifactStore
     manifest: dict
     config: Config
+    run: ArtifactStore | None = None
+    """The run's store, when the checkpoint lies in one (`<output>/checkpoints/<name>`)."""
 
     @property
     def name(self) -> str:
@@ -118,54 +207,98 @@ class Checkpoint:
         return self.manifest["method"]
 
     def fetch_export(self, folder: Path) -> Path:
-        """The exported modules under `folder/<module>/` (downloaded unless the store is local)."""
-        if self.store.is_local:
-            return Path(self.store.root) / EXPORT
-        self.store.download_folder(EXPORT, folder)
-        return folder
+        """The exported modules under `folder/<module>/` (downloaded unless the store is local), their files
+        checked against the manifest and their weights for NaN and Inf."""
+        return fetch_export(self.uri, self.store, self.manifest, folder, self.run)
 
 
 def read_manifest(store: ArtifactStore, prefix: str = "") -> dict:
-    """The manifest of the checkpoint at `prefix` of `store`, refused unless complete and of this layout."""
+    """The manifest of the checkpoint at `prefix` of `store`, refused unless complete and of a layout this reads."""
     key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
     where = store.key_uri(prefix) if prefix else store.uri
     if not store.exists(key):
-        raise CheckpointError(f"{where}: not a complete checkpoint (no {MANIFEST})")
+        withdrawn = store.exists(f"{prefix}/{WITHDRAWN}" if prefix else WITHDRAWN)
+        raise CheckpointError(f"{where}: not a complete checkpoint ("
+                              + ("withdrawn: its weights give non-finite values)" if withdrawn else f"no {MANIFEST})"))
     manifest = json.loads(store.get_text(key))
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE:
         raise CheckpointError(f"{where}: checkpoint layout {manifest.get('format', 1)}, this distill reads layout "
-                              f"{FORMAT}; it was written by an older version: start a new run (its export/ "
-                              f"folder still serves as init_from)")
+                              f"{FORMAT} (and {', '.join(map(str, READABLE[:-1]))}); it was written by an older "
+                              f"version: start a new run (its export/ folder still serves as init_from)")
     return manifest
 
 
+def _run_store(uri: str, storage: StorageConfig | None) -> ArtifactStore | None:
+    root, _ = split_checkpoint_uri(uri)
+    return open_store(root, storage) if root else None
+
+
 def open_checkpoint(uri: str, storage: StorageConfig | None = None) -> Checkpoint:
-    """Open a complete checkpoint folder (`<output>/checkpoints/step-000500`, local or s3://)."""
+    """Open a complete checkpoint folder (`<output>/checkpoints/step-000500`, local or s3://); its config is checked
+    against the manifest."""
     uri = uri.rstrip("/")
     store = open_store(uri, storage)
-    manifest = read_manifest(store)
-    cfg = build_config(yaml.safe_load(store.get_text("config.yaml")))
+    run = _run_store(uri, storage)
+    with naming_the_newest(run, uri.split("/")[-1]):
+        manifest = read_manifest(store)
+        record = file_records(manifest, CONFIG).get(CONFIG, {})
+        check_sizes(store, "", {CONFIG: record})
+        text = store.get_bytes(CONFIG)
+        if "sha256" in record and hashlib.sha256(text).hexdigest() != record["sha256"]:
+            raise CheckpointError(f"{store.key_uri(CONFIG)}: checksum differs from {MANIFEST} (the file is damaged "
+                                  f"or changed)")
+    cfg = build_config(yaml.safe_load(text.decode()))
     if storage is not None:
         cfg.storage = storage
-    return Checkpoint(uri, store, manifest, cfg)
+    return Checkpoint(uri, store, manifest, cfg, run)
+
+
+def fetch_export(uri: str, store: ArtifactStore, manifest: dict, folder: Path, run: ArtifactStore | None) -> Path:
+    """The export folder of a checkpoint (downloaded into `folder` unless local), verified: sizes, checksums, and
+    no NaN or Inf in its weights. CheckpointError naming the bad file and the run's newest complete checkpoint."""
+    from distill.finite import described, nonfinite_in_safetensors
+
+    with naming_the_newest(run, manifest["name"]):
+        records = {rel.removeprefix(f"{EXPORT}/"): r for rel, r in file_records(manifest, f"{EXPORT}/").items()}
+        check_sizes(store, EXPORT, records)
+        if store.is_local:
+            folder = Path(store.root) / EXPORT
+        else:
+            store.download_folder(EXPORT, folder)
+        check_checksums(folder, records, lambda rel: store.key_uri(f"{EXPORT}/{rel}"))
+        bad = nonfinite_in_safetensors(folder)
+        if bad:
+            raise CheckpointError(f"{uri}: its exported weights are not finite (NaN or Inf) in {described(bad)}; "
+                                  f"this checkpoint cannot be exported, benchmarked or started from")
+    return folder
+
+
+_EXPORTS: dict[tuple, tuple[str, object]] = {}
+"""Exports verified (and downloaded) in this process, by (path, endpoint, manifest's time) -> (folder, temp dir):
+a run resolves its init_from sources before it builds anything, and again when it builds the roles."""
 
 
 def resolve_export(path: str, storage: StorageConfig | None = None) -> str | None:
     """The export folder (holding one folder per module) of a checkpoint (`.../checkpoints/step-000500`)
-    or of a run's newest one (`.../checkpoints/latest`), local or s3:// (downloaded); None for any
-    other path."""
+    or of a run's newest one (`.../checkpoints/latest`), local or s3:// (downloaded), verified as in
+    `fetch_export`; None for any other path."""
     path = path.rstrip("/")
     if path.endswith(f"/{LATEST}"):
         root = path[: -len(LATEST) - 1]
         store = open_store(root, storage)
         if not store.exists(LATEST):
             raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
-        path = f"{root}/{store.get_text(LATEST).strip()}"
+        name = store.get_text(LATEST).strip()
+        if not NAME.fullmatch(name):
+            raise CheckpointError(f"{path}: names {name!r}, not a checkpoint of the run")
+        path = f"{root}/{name}"
     store = open_store(path, storage)
-    if not store.exists(MANIFEST):
+    if not store.exists(MANIFEST) and not store.exists(WITHDRAWN):
         return None
-    if store.is_local:
-        return str(Path(store.root) / EXPORT)
-    local = Path(tempfile.mkdtemp(prefix="distill-export-"))
-    store.download_folder(EXPORT, local)
-    return str(local)
+    manifest = read_manifest(store)
+    key = (path, storage.endpoint_url if storage else None, manifest.get("created"))
+    if key not in _EXPORTS:
+        tmp = None if store.is_local else tempfile.TemporaryDirectory(prefix="distill-export-")  # removed at exit
+        folder = fetch_export(path, store, manifest, Path(tmp.name) if tmp else Path(), _run_store(path, storage))
+        _EXPORTS[key] = (str(folder), tmp)
+    return _EXPORTS[key][0]

@@ -10,6 +10,7 @@ present only once the manifest exists.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -22,6 +23,15 @@ from distill.errors import InputError
 
 class StorageError(InputError):
     """A store cannot be reached or refuses a request; the message names the URI, never credentials."""
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (hashlib drops the GIL: threads may hash files side by side)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ArtifactStore(ABC):
@@ -40,6 +50,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def size(self, key: str) -> int | None:
         """Bytes of the file at `key`, or None when there is none."""
+    def etag(self, key: str) -> str | None:
+        """The object's entity tag where the store keeps one (S3), else None."""
+        return None
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all files under `prefix`, sorted."""
@@ -234,18 +248,26 @@ class S3Store(ArtifactStore):
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
 
-    def size(self, key: str) -> int | None:
+    def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         def head():
             try:
-                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as err:
                 if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
 
         return self._call("lookup", key, head)
+
+    def size(self, key: str) -> int | None:
+        head = self._head(key)
+        return None if head is None else head["ContentLength"]
+
+    def etag(self, key: str) -> str | None:
+        head = self._head(key)
+        return None if head is None else head["ETag"].strip('"')
 
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")

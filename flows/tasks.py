@@ -29,6 +29,7 @@ from distill import registry
 from distill.config import Config, ConfigError, StorageConfig, load_config, to_dict
 from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint
 from distill.storage import open_store
+from distill.training.metrics import parse_metrics
 
 STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 GPU_JOBS_PER_HOST = 1
@@ -170,8 +171,7 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
         meta = json.loads(store.get_text(key))
         folder = store.key_uri(key.rsplit("/", 1)[0])
         step = key.split("/")[1]
-        rows = [json.loads(line) for line in store.get_text("metrics.jsonl").splitlines() if line.strip()] \
-            if store.exists("metrics.jsonl") else []
+        rows = parse_metrics(store.get_text("metrics.jsonl")) if store.exists("metrics.jsonl") else []
         latest = rows[-1] if rows else {}
         create_markdown_artifact(
             key=_artifact_key(f"{cfg.run.name}-validation"),

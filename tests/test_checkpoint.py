@@ -125,6 +125,7 @@ def test_sigkill_then_resume_from_s3_gives_identical_losses(tmp_path, s3, refere
     metrics = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/metrics.jsonl")["Body"].read().decode()
     assert losses(parse(metrics)) == reference.losses
     assert latest() == "step-000040"
+    assert list((tmp_path / "work").glob(".resume/*")) == []  # the downloaded checkpoint is gone once loaded
 
     # Credentials appear nowhere: not in output, config, metrics or checkpoint files.
     texts = [proc.stdout, proc.stderr]
@@ -210,7 +211,7 @@ def test_a_checkpoint_of_an_older_layout_is_refused_before_any_model_is_built(ru
     del manifest["format"], manifest["sampling"], manifest["method"]  # as the first layout wrote it
     path.write_text(json.dumps(manifest))
     monkeypatch.setattr("distill.models.base.ModelPlugin.build_roles", lambda *a, **k: pytest.fail("built roles"))
-    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 2"):
+    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 3 \\(and 2\\)"):
         Trainer(tiny_config(run_dir, training={"max_steps": 3}), resume="latest")
-    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 2"):
+    with pytest.raises(CheckpointError, match="step-000002: checkpoint layout 1, this distill reads layout 3 \\(and 2\\)"):
         open_checkpoint(str(run_dir / "checkpoints" / "step-000002"))

@@ -70,4 +70,4 @@ def test_a_loss_not_finite_on_one_rank_stops_every_rank_with_the_same_error(tmp_
     said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert said[0] == said[1]
     assert said[0] == ("critic_loss is not finite (NaN or Inf) on rank 1 at iteration 2; every rank stops "
-                       "before the optimizer step")
+                       "before the optimizer step; the run has no checkpoint with finite weights")

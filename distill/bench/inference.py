@@ -128,11 +128,11 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
     ckpt = open_checkpoint(uri, storage)
     cfg = ckpt.config
     device = resolve_device(cfg)
-    plugin = registry.get_model(cfg.model.family)(
-        cfg, device=device, frozen_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     sampling = SamplingSpec.from_dict(ckpt.sampling)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = ckpt.fetch_export(Path(tmp))
+        folder = ckpt.fetch_export(Path(tmp))  # verified (files, finite weights) before anything is built
+        plugin = registry.get_model(cfg.model.family)(
+            cfg, device=device, frozen_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         student = plugin.frozen_role(ckpt.export_role, {name: plugin.load_module(name, str(folder / name))
                                                         for name in ckpt.export_modules})
     runs = [(student, sampling)]

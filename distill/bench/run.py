@@ -5,7 +5,6 @@ The report goes to <run output>/bench/<checkpoint>/ through the run's store (or 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from distill.bench.report import write_report
 from distill.config import StorageConfig
 from distill.run_layout import open_checkpoint, split_checkpoint_uri
 from distill.storage import open_store
+from distill.training.metrics import parse_metrics
 
 
 def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None,
@@ -31,7 +31,7 @@ def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None
     if root:
         run_store = open_store(root, storage)
         if run_store.exists("metrics.jsonl"):
-            history = [json.loads(line) for line in run_store.get_text("metrics.jsonl").splitlines() if line.strip()]
+            history = parse_metrics(run_store.get_text("metrics.jsonl"))
     report = write_report(local, rows, meta, training, history)
     if not store.is_local:
         store.upload_folder(local, "", last="report.md")

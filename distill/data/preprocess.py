@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from distill import registry
 from distill.config import Config, ConfigError
-from distill.data.shards import FORMAT_VERSION, MANIFEST, NEGATIVE, read_record, write_shard
+from distill.data.shards import FORMAT_VERSION, MANIFEST, NEGATIVE, file_record, read_record, write_shard
 from distill.errors import InputError
 from distill.storage import open_store
 from distill.video import read_video
@@ -152,35 +153,40 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
         store.delete(MANIFEST)  # the items changed: unpublish, then redo the shards that differ
     store.put_text(json.dumps(plan, indent=1), PLAN)
     staging = Path(store.root) if store.is_local else Path(staging_dir(cfg))
+    try:
+        # 3. Shards: skip those already written from the same items, encode the rest.
+        records = []
+        bar = tqdm(total=len(items), desc="preprocess", unit="sample", disable=not progress)
+        for index, (chunk, fingerprint) in enumerate(zip(chunks, fingerprints)):
+            record = read_record(store, index)
+            if record is None or record.get("chunk") != fingerprint:
+                extra = {"chunk": fingerprint, "captions": [i.caption for i in chunk],
+                         "videos": [i.video for i in chunk]}
+                record = write_shard(store, staging, index, encode_chunk(cfg, plugin, chunk), extra)
+            records.append(record)
+            bar.update(len(chunk))
+        bar.close()
 
-    # 3. Shards: skip those already written from the same items, encode the rest.
-    records = []
-    bar = tqdm(total=len(items), desc="preprocess", unit="sample", disable=not progress)
-    for index, (chunk, fingerprint) in enumerate(zip(chunks, fingerprints)):
-        record = read_record(store, index)
-        if record is None or record.get("chunk") != fingerprint:
-            extra = {"chunk": fingerprint, "captions": [i.caption for i in chunk], "videos": [i.video for i in chunk]}
-            record = write_shard(store, staging, index, encode_chunk(cfg, plugin, chunk), extra)
-        records.append(record)
-        bar.update(len(chunk))
-    bar.close()
+        # 4. Negative prompt, then the manifest last.
+        from safetensors.torch import save_file
 
-    # 4. Negative prompt, then the manifest last.
-    from safetensors.torch import save_file
-
-    negative = trim_padding(plugin.encode_prompts([d.negative_prompt], cache=False))[0]
-    staging.mkdir(parents=True, exist_ok=True)
-    save_file({"negative_prompt_embeds": negative.to(torch.bfloat16).contiguous().cpu()}, str(staging / NEGATIVE))
-    store.put_file(staging / NEGATIVE, NEGATIVE)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "count": len(items),
-        "fields": ["prompt_embeds"] + ([] if d.prompt_only else [plugin.latents_key]),
-        "model": plan["model"],
-        "video": plan["video"],
-        "negative_prompt": d.negative_prompt,
-        "shards": records,
-    }
+        negative = trim_padding(plugin.encode_prompts([d.negative_prompt], cache=False))[0]
+        staging.mkdir(parents=True, exist_ok=True)
+        save_file({"negative_prompt_embeds": negative.to(torch.bfloat16).contiguous().cpu()}, str(staging / NEGATIVE))
+        negative_record = file_record(store, staging / NEGATIVE)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "count": len(items),
+            "fields": ["prompt_embeds"] + ([] if d.prompt_only else [plugin.latents_key]),
+            "model": plan["model"],
+            "video": plan["video"],
+            "negative_prompt": d.negative_prompt,
+            "negative": negative_record,
+            "shards": records,
+        }
+    finally:
+        if not store.is_local and not cfg.storage.local_dir:  # a temporary staging folder: gone, done or failed
+            shutil.rmtree(staging, ignore_errors=True)
     store.put_text(json.dumps(manifest, indent=1), MANIFEST)
     return store.key_uri(MANIFEST)
 

@@ -2,9 +2,11 @@
 
 A shard folder (local, or s3:// through the artifact store) holds
     shard-00000.safetensors   tensors of up to `shard_size` samples
-    shard-00000.json          its record: count, bytes, sha256, tensor shapes and dtypes, captions, videos
+    shard-00000.json          its record: count, bytes, sha256 (and S3 ETag), tensor shapes and dtypes,
+                              captions, videos
     negative.safetensors      the negative-prompt embedding, once
-    MANIFEST.json             written last: the model identity, the settings, every shard's record
+    MANIFEST.json             written last: the model identity, the settings, every shard's record,
+                              the negative embedding's bytes and sha256
 
 Tensors: `prompt_embeds` (N, L, D) bf16 with L the longest prompt in the shard (zero padding
 beyond is cut and restored at load), and for video data `pixels` (N, 3, F, H, W) uint8 or
@@ -14,11 +16,11 @@ record goes up after the file); a folder counts as finished once MANIFEST.json e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from distill.errors import InputError
-from distill.storage import ArtifactStore
+from distill.storage import ArtifactStore, sha256_of
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -40,14 +42,6 @@ class ShardError(InputError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
@@ -67,19 +61,25 @@ def write_shard(store: ArtifactStore, staging: Path, index: int, tensors: dict[s
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
     count = next(iter(tensors.values())).shape[0]
-    record = {"file": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_of(path),
-              "tensors": describe(tensors), **extra}
-    store.put_file(path, path.name)
+    record = {"file": path.name, "count": count, **file_record(store, path), "tensors": describe(tensors), **extra}
     store.put_text(json.dumps(record, indent=1), f"{name}.json")
     if not store.is_local:
         path.unlink()
     return record
 
 
+def file_record(store: ArtifactStore, path: Path) -> dict:
+    """Put a file into the store under its name; returns its bytes, sha256 and (S3) ETag, to check it by later."""
+    record = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    store.put_file(path, path.name)
+    etag = store.etag(path.name)
+    return {**record, "etag": etag} if etag else record
+
+
 def read_record(store: ArtifactStore, index: int) -> dict | None:
     """The record of a complete shard, or None when the shard is missing, partial or damaged.
 
-    Locally the file's checksum is checked; in a remote store its size (the checksum is
+    Locally the file's checksum is checked; in a remote store its size and ETag (the checksum is
     checked again when training first loads the shard).
     """
     name = shard_name(index)
@@ -87,6 +87,8 @@ def read_record(store: ArtifactStore, index: int) -> dict | None:
         return None
     record = json.loads(store.get_text(f"{name}.json"))
     if store.size(record["file"]) != record["bytes"]:
+        return None
+    if record.get("etag") and store.etag(record["file"]) != record["etag"]:
         return None
     if store.is_local and sha256_of(Path(store.root) / record["file"]) != record["sha256"]:
         return None
@@ -103,12 +105,19 @@ def read_manifest(store: ArtifactStore) -> dict:
     return manifest
 
 
+def _signature(path: Path) -> tuple[int, int]:
+    """What tells a file changed without reading it: its size and modification time."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 class ShardDataset(Dataset):
     """Samples of a finished shard folder, checked against the run's model before any training.
 
     The folder-level checks (manifest, model identity, files present with the recorded size)
-    run at construction; a shard's checksum, tensor shapes and dtypes are verified the first
-    time it is loaded, so start-up does not read the whole data set.
+    run at construction; `verify()` checks every shard's checksum (the trainer calls it before
+    training starts). A shard's tensor shapes and dtypes are checked when it is first loaded,
+    and its checksum again when the file is new (downloaded) or changed since it was checked.
     """
 
     def __init__(self, store: ArtifactStore, *, identity: dict, max_text_length: int, video: dict | None = None,
@@ -152,10 +161,16 @@ class ShardDataset(Dataset):
             self.starts.append(total)
             total += record["count"]
         self.count = total
-        negative = load_file(str(self._local(NEGATIVE)))["negative_prompt_embeds"]
+        negative_path = self._local(NEGATIVE)
+        expected = self.manifest.get("negative")  # absent from folders written before it was recorded
+        if expected and sha256_of(negative_path) != expected["sha256"]:
+            raise ShardError(f"{store.key_uri(NEGATIVE)}: checksum differs from {MANIFEST} (the file changed or is "
+                             f"damaged)")
+        negative = load_file(str(negative_path))["negative_prompt_embeds"]
         self.negative = self._pad_text(negative[None])[0].float()
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
-        self._verified: set[int] = set()
+        self._verified: dict[int, tuple[int, int]] = {}  # shard -> (size, mtime) of the file whose checksum was right
+        self._described: set[int] = set()
         self.cache_shards = cache_shards
 
     def __len__(self) -> int:
@@ -178,6 +193,27 @@ class ShardDataset(Dataset):
         pad = self.max_text_length - embeds.shape[1]
         return torch.nn.functional.pad(embeds, (0, 0, 0, pad)) if pad > 0 else embeds
 
+    def verify(self, workers: int = 4) -> None:
+        """Every shard's checksum, before training starts: a damaged shard found iterations in loses their work.
+
+        Local shards are hashed, the whole data set read once (in threads: large data sets take a while,
+        less than an epoch). Shards in S3 are compared by the ETag recorded when they were written, with
+        no download; S3 itself guards the bytes it holds, and a shard's sha256 is checked again when it
+        is first downloaded. Folders written before ETags were recorded get the size check only.
+        """
+        if self.store.is_local:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                sums = list(pool.map(lambda r: sha256_of(self.files / r["file"]), self.records))
+            bad = [r["file"] for r, digest in zip(self.records, sums) if digest != r["sha256"]]
+            self._verified = {i: _signature(self.files / r["file"]) for i, r in enumerate(self.records)
+                              if r["file"] not in bad}
+        else:
+            bad = [r["file"] for r in self.records if r.get("etag") and self.store.etag(r["file"]) != r["etag"]]
+        if bad:
+            raise ShardError(f"{self.store.key_uri(bad[0])}: checksum differs from {MANIFEST} (the file changed or "
+                             f"is damaged){'; also ' + ', '.join(bad[1:]) if bad[1:] else ''}; restore the "
+                             f"shards or preprocess into a new data.shards folder")
+
     def load_shard(self, shard: int) -> dict[str, torch.Tensor]:
         if shard in self._cache:
             self._cache.move_to_end(shard)
@@ -185,16 +221,17 @@ class ShardDataset(Dataset):
         record = self.records[shard]
         path = self._local(record["file"])
         where = self.store.key_uri(record["file"])
-        if shard not in self._verified:
+        if self._verified.get(shard) != _signature(path):  # not checked yet, or the file changed since
             if sha256_of(path) != record["sha256"]:
                 raise ShardError(f"{where}: checksum differs from {MANIFEST} (the file changed or is damaged)")
+            self._verified[shard] = _signature(path)
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in self.keys}
-        if shard not in self._verified:
+        if shard not in self._described:
             found, expected = describe(tensors), {k: record["tensors"].get(k) for k in self.keys}
             if found != expected:
                 raise ShardError(f"{where}: tensors {found} disagree with {MANIFEST} {expected}")
-            self._verified.add(shard)
+            self._described.add(shard)
         self._cache[shard] = tensors
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distill.errors import NonFiniteError
 from distill.roles import RoleHandle, RoleManager, check_roles
 from distill.validation import SamplingSpec, ValidationRequest, ValidationResult, Validator
 
@@ -199,7 +200,7 @@ def check_finite(loss: torch.Tensor, name: str, iteration: int) -> None:
         dist.all_reduce(flags)
         ranks = [r for r, flag in enumerate(flags.tolist()) if flag]
     if ranks:
-        raise FloatingPointError(f"{name} is not finite (NaN or Inf) on rank {', '.join(map(str, ranks))} at "
+        raise NonFiniteError(f"{name} is not finite (NaN or Inf) on rank {', '.join(map(str, ranks))} at "
                                  f"iteration {iteration}; every rank stops before the optimizer step")
 
 

@@ -1,12 +1,14 @@
 """Checkpoints of a run, through the artifact store, and exact resume.
 
-The layout (names, manifest, `latest`) is `distill.run_layout`'s. A save writes, in order:
-each trainable role's DeepSpeed state (collective), the exported role's modules as diffusers
-folders, every rank's stateful objects (`trainer/rank-N.pt`: a dict of name → state_dict),
-the config, and, once every rank's files are in the store, MANIFEST.json and then `latest`.
-A checkpoint without MANIFEST.json is incomplete (a run died while saving it) and is never
-resumed from. The newest `keep_checkpoints` are kept, plus marked ones: every
-`keep_checkpoint_every` steps, or any with a KEEP file.
+The layout (names, manifest, `latest`) is `distill.run_layout`'s. A save first checks that every
+weight it would write is finite, then writes, in order: each trainable role's DeepSpeed state
+(collective), the exported role's modules as diffusers folders, every rank's stateful objects
+(`trainer/rank-N.pt`: a dict of name → state_dict), the config, and, once every rank's files are
+in the store, MANIFEST.json (each file's bytes and sha256) and then `latest`. A checkpoint
+without MANIFEST.json is incomplete (a run died while saving it) and is never resumed from; a
+resume checks the files against the manifest before any model is built. The newest
+`keep_checkpoints` are kept, plus marked ones: every `keep_checkpoint_every` steps, or any with a
+KEEP file.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from distill.errors import ConfigError
-from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, CheckpointError, checkpoint_name,
-                                list_checkpoints, read_manifest, resolve_checkpoint)
-from distill.storage import ArtifactStore
+from distill.errors import ConfigError, NonFiniteError
+from distill.finite import described, nonfinite_names
+from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, WITHDRAWN, CheckpointError,
+                                check_checksums, check_sizes, checkpoint_name, file_records, list_checkpoints,
+                                naming_the_newest, read_manifest, resolve_checkpoint, step_of)
+from distill.storage import ArtifactStore, sha256_of
+from distill.training.distributed import all_gather, ranks_where
 
 __all__ = ["CheckpointContents", "CheckpointError", "CheckpointManager", "RNGState", "Stateful"]
 
@@ -85,6 +90,7 @@ class CheckpointManager:
         self.local_root = Path(local_root)
         self.rank, self.world_size = rank, world_size
         self.zero_stage = zero_stage
+        self._verified: dict[str, Path] = {}  # checkpoint name -> its checked local folder (resolve, then load)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -99,10 +105,11 @@ class CheckpointManager:
         name = checkpoint_name(contents.step)
         prefix = f"{ROOT}/{name}"
         staging = self._staging(name)
-        if self.rank == 0 and self.store.exists(f"{prefix}/{MANIFEST}"):
-            self.store.delete(prefix)  # saved before, then training went on from an earlier one: replace
+        self._check_finite(contents, name)
+        if self.rank == 0 and self.store.list(prefix):
+            self.store.delete(prefix)  # left by a run that died while saving it, or withdrawn: replace
         if (self.rank == 0 or not self.store.is_local) and staging.exists():
-            shutil.rmtree(staging)  # left by a run that died while saving
+            shutil.rmtree(staging)
         _barrier()
 
         # 1. Engines (collective): weights, optimizer partitions, schedulers.
@@ -118,9 +125,16 @@ class CheckpointManager:
             (staging / "config.yaml").write_text(yaml.safe_dump(contents.config, sort_keys=False))
         # 4. Into the store, every rank its own files; then the manifest and `latest`, by rank 0.
         if not self.store.is_local:
+            records = self._file_records(staging, sorted(p for p in staging.rglob("*") if p.is_file()))
             self.store.upload_folder(staging, prefix)
             shutil.rmtree(staging)
         _barrier()
+        # Each file's bytes and sha256 for the manifest. Hashing reads every file back: for a real model's
+        # weights and optimizer states, tens of GB, some seconds a save, shared out over the ranks.
+        if self.store.is_local:  # every rank's files in one folder: the ranks hash a share each
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            records = self._file_records(staging, files[self.rank :: self.world_size])
+        records = {rel: r for part in all_gather(records) for rel, r in part.items()}
         if self.rank == 0:
             manifest = {
                 "format": FORMAT,
@@ -132,7 +146,7 @@ class CheckpointManager:
                 "export_modules": list(contents.export),
                 "states": list(contents.states),
                 **contents.manifest,
-                "files": self.store.list(prefix),
+                "files": dict(sorted(records.items())),
                 "created": time.time(),
             }
             self.store.put_text(json.dumps(manifest, indent=1), f"{prefix}/{MANIFEST}")
@@ -142,6 +156,21 @@ class CheckpointManager:
             self.prune(keep_last)
         _barrier()
         return name
+
+    def _check_finite(self, contents: CheckpointContents, name: str) -> None:
+        """Refuse to save weights holding NaN or Inf, on every rank at once (ZeRO-3 ranks hold different parts)."""
+        named = [(f"{role}.{n}", p) for role, engine in contents.engines.items() for n, p in engine.module.named_parameters()]
+        named += [(f"{EXPORT}/{key}.{n}", t) for key, m in contents.export.items() for n, t in m.state_dict().items()
+                  if t.is_floating_point()]
+        bad = nonfinite_names(named)
+        ranks = ranks_where(bool(bad))
+        if ranks:
+            raise NonFiniteError(f"{self.store.key_uri(f'{ROOT}/{name}')}: not saved, weights are not finite (NaN or "
+                                 f"Inf) on rank {', '.join(map(str, ranks))}" + (f": {described(bad)}" if bad else ""))
+
+    def _file_records(self, folder: Path, files: list[Path]) -> dict[str, dict]:
+        """Bytes and sha256 of `files` (under `folder`), by path in the checkpoint."""
+        return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
 
     def _save_module(self, module: nn.Module, folder: Path) -> None:
         if self.zero_stage == 3:  # partitioned weights: gather them (collective), rank 0 writes
@@ -170,24 +199,70 @@ class CheckpointManager:
         """(complete, incomplete) checkpoint names, oldest first."""
         return list_checkpoints(self.store)
 
-    def resolve(self, name: str) -> str:
-        """The complete checkpoint `name` (or 'latest') names, checked to be resumable by this run's ranks:
-        cheap, so the trainer calls it before building any model."""
+    def resolve(self, name: str, config: dict | None = None) -> str:
+        """The complete checkpoint `name` (or 'latest') names, checked to be resumable by this run's ranks (and
+        with `config`, the run's), and its files against its manifest: sizes, then checksums (a remote one is
+        downloaded for that). The trainer calls it before building any model."""
         name = resolve_checkpoint(self.store, name)
-        manifest = read_manifest(self.store, f"{ROOT}/{name}")
-        if manifest["world_size"] != self.world_size:
-            raise CheckpointError(f"{self.store.key_uri(f'{ROOT}/{name}')}: saved by {manifest['world_size']} ranks, this run "
-                                  f"has {self.world_size}; resume with the same number of ranks")
+        prefix = f"{ROOT}/{name}"
+        with naming_the_newest(self.store, name):
+            manifest = read_manifest(self.store, prefix)
+            if manifest["world_size"] != self.world_size:
+                raise CheckpointError(f"{self.store.key_uri(prefix)}: saved by {manifest['world_size']} ranks, this "
+                                      f"run has {self.world_size}; resume with the same number of ranks")
+            records = file_records(manifest)
+            check_sizes(self.store, prefix, records)
+            folder = self._fetch(prefix)
+            check_checksums(folder, records, lambda rel: self.store.key_uri(f"{prefix}/{rel}"))
+        if config is not None:
+            _check_same_run(yaml.safe_load((folder / "config.yaml").read_text()), config, self.store.key_uri(prefix))
+        self._verified[name] = folder
         return name
+
+    def newer_than(self, name: str) -> list[str]:
+        """The complete checkpoints after `name`: a resume from `name` would replace them."""
+        return [n for n in self.list()[0] if step_of(n) > step_of(name)]
+
+    def drop(self, names: list[str]) -> None:
+        """Delete complete checkpoints (rank 0), and point `latest` at the newest one left."""
+        if self.rank == 0:
+            for name in names:
+                self.store.delete(f"{ROOT}/{name}")
+            complete = self.list()[0]
+            if complete:
+                self.store.put_text(complete[-1], f"{ROOT}/{LATEST}")
+        _barrier()
+
+    def withdraw_from(self, step: int) -> str:
+        """Unpublish the checkpoints of `step` and later (their weights gave non-finite values): rank 0 renames their
+        manifests to WITHDRAWN.json and points `latest` at the newest one left. Returns a sentence saying so."""
+        complete = self.list()[0]
+        bad = [n for n in complete if step_of(n) >= step]
+        good = [n for n in complete if step_of(n) < step]
+        _barrier()  # every rank has read the list before rank 0 changes it: they all say the same
+        if self.rank == 0 and bad:
+            for name in bad:
+                self.store.put_text(self.store.get_text(f"{ROOT}/{name}/{MANIFEST}"), f"{ROOT}/{name}/{WITHDRAWN}")
+                self.store.delete(f"{ROOT}/{name}/{MANIFEST}")
+            if good:
+                self.store.put_text(good[-1], f"{ROOT}/{LATEST}")
+            else:
+                self.store.delete(f"{ROOT}/{LATEST}")
+        _barrier()
+        said = f"withdrew {', '.join(bad)} (weights that give non-finite values); " if bad else ""
+        if not good:
+            return said + "the run has no checkpoint with finite weights"
+        return said + f"latest is {good[-1]}, the last checkpoint whose weights are finite"
 
     def load(self, name: str, contents: CheckpointContents) -> str:
         """Restore engines and every stateful object from checkpoint `name` (or 'latest'); returns its name."""
-        name = self.resolve(name)
+        if name not in self._verified:
+            name = self.resolve(name)
         prefix = f"{ROOT}/{name}"
         where = self.store.key_uri(prefix)
-        saved = yaml.safe_load(self.store.get_text(f"{prefix}/config.yaml"))
+        folder = self._verified[name]
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
         _check_same_run(saved, contents.config, where)
-        folder = self._fetch(prefix)
         for role, engine in contents.engines.items():
             path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag="state",
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -202,12 +277,18 @@ class CheckpointManager:
         if contents.export_is_state:
             for key, module in contents.export.items():
                 module.load_state_dict(_read_safetensors(folder / EXPORT / key, where))
+        if not self.store.is_local:  # the downloaded copy (many GB for a real model) is read: gone
+            shutil.rmtree(self._download_root())
+        del self._verified[name]
         return name
+
+    def _download_root(self) -> Path:
+        return self.local_root / ".resume" / f"rank-{self.rank:05d}"
 
     def _fetch(self, prefix: str) -> Path:
         if self.store.is_local:
             return Path(self.store.root) / prefix
-        folder = self.local_root / ".resume" / f"rank-{self.rank:05d}" / prefix
+        folder = self._download_root() / prefix
         if folder.exists():
             shutil.rmtree(folder)
         self.store.download_folder(prefix, folder)

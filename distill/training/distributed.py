@@ -56,3 +56,32 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def _flag_device() -> torch.device:
+    """Where a collective's tensor must live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def ranks_where(flag: bool) -> list[int]:
+    """The ranks where `flag` is true; every rank learns the same list (one small all-reduce).
+
+    A check that fails on one rank must stop every rank, or the others wait in their next collective.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [0] if flag else []
+    flags = torch.zeros(dist.get_world_size(), device=_flag_device())
+    flags[dist.get_rank()] = float(flag)
+    dist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

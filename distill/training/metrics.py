@@ -1,9 +1,14 @@
-"""Scalars per iteration to metrics.jsonl and TensorBoard (rank 0 only)."""
+"""Scalars per iteration to metrics.jsonl and TensorBoard (rank 0 only).
+
+metrics.jsonl is strict JSON, one object a line: a NaN or Inf value is written as null (JSON has
+no such numbers). A line cut short by a killed run is skipped by the readers.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -27,11 +32,11 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time() - self._start, 3)}
-        record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
+        record.update({k: (v if _finite(v) else None) for k, v in values.items()})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         for key, value in values.items():
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            if _finite(value):
                 self._tb.add_scalar(key, value, step)
 
     def flush(self) -> None:
@@ -45,14 +50,33 @@ class MetricsLog:
             self._tb.close()
 
 
+def _finite(value) -> bool:
+    return value is not None and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """The rows of a metrics.jsonl text. A line that does not parse (cut short by a kill) is skipped;
+    NaN and Infinity, written by older versions, read as None."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line, parse_constant=lambda _: None)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics((Path(run_dir) / "metrics.jsonl").read_text())
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Keep the rows of steps <= `step` (a resumed run replays the rest)."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
+        kept = [row for row in parse_metrics(path.read_text()) if row["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")  # a kill while writing must not lose the rows kept
+        tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
+        os.replace(tmp, path)

@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 
 from distill.config import Config
+from distill.errors import InputError
 from distill.storage import ArtifactStore, open_store
 
 
 class RunFolder:
     """Files are written under `local`; `sync(rel)` puts a file or folder into the store at the same key.
 
-    For a local output the store's root is `local` itself and `sync` has nothing to do.
+    For a local output the store's root is `local` itself and `sync` has nothing to do. For a remote
+    one without `storage.local_dir`, `local` is a temporary folder that `close()` removes.
     """
 
     def __init__(self, cfg: Config):
         self.store: ArtifactStore = open_store(cfg.run.output, cfg.storage)
+        self.temporary = not self.store.is_local and not cfg.storage.local_dir
         if self.store.is_local:
             self.local = Path(cfg.run.output)
         elif cfg.storage.local_dir:
             self.local = Path(cfg.storage.local_dir)
         else:
             self.local = Path(tempfile.mkdtemp(prefix="distill-run-"))
+        self.created = self.local if self.temporary else _first_missing(self.local)
+        """The outermost folder this run made (None when `local` was there before): what a failed start removes."""
         self.local.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def removed_on_error(self):
+        """A failure inside (a run that never started training) removes the folders this run made, and only those."""
+        try:
+            yield
+        except BaseException:
+            if self.created is not None:
+                shutil.rmtree(self.created, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """After training, done or failed: a temporary working folder goes, its metrics put into the store first."""
+        if not self.temporary:
+            return
+        for rel in ("metrics.jsonl", "tb"):
+            with contextlib.suppress(InputError):  # the store may be what failed: then only these are lost
+                self.sync(rel)
+        shutil.rmtree(self.local, ignore_errors=True)
 
     def sync(self, rel: str) -> None:
         if self.store.is_local:
@@ -42,3 +68,13 @@ class RunFolder:
             return False
         self.store.get_file(rel, self.local / rel)
         return True
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None when `path` exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path

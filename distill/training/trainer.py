@@ -1,11 +1,17 @@
 """The training loop: infra only. Any registered method, any registered model plugin.
 
 Build order (cheap checks first): device and process group → run folder and its store
-(reachable, and a checkpoint to resume from, or none to overwrite) → model plugin
-(scheduler, VAE, tokenizer) → data fields vs. what the method needs → roles → method
-(optimizers) → one DeepSpeed engine per trainable role → resume. Then `train()` runs
-iterations, logs metrics, samples validation videos every `validation.every` iterations
-and saves checkpoints every `training.checkpoint_every` iterations, both also at the end.
+(reachable, and a checkpoint to resume from, its files verified, or none to overwrite; the
+checkpoints that `init_from` names, verified) → model plugin (scheduler, VAE, tokenizer) → data
+fields vs. what the method needs, every shard's checksum → roles → method (optimizers) → one
+DeepSpeed engine per trainable role → resume. A start that fails removes the folders it made.
+Then `train()` runs iterations, logs metrics, samples validation videos every `validation.every`
+iterations and saves checkpoints every `training.checkpoint_every` iterations, both also at the end.
+
+Nothing non-finite is published: a loss or gradient that is not finite stops the run before its
+optimizer step, weights are checked after each iteration and before each save, and a checkpoint
+whose weights then gave non-finite values is withdrawn (`latest` goes back to the one before). A
+damaged shard stops the run at an iteration boundary, after a checkpoint of the work since the last.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from distill import registry
 from distill.config import Config, ConfigError, to_dict
 from distill.data.loader import BatchLoader
 from distill.data.prompts import PromptDataset
-from distill.data.shards import ShardDataset
+from distill.data.shards import ShardDataset, ShardError
 from distill.device import resolve_device
+from distill.errors import NonFiniteError
+from distill.finite import described, nonfinite_names
+from distill.run_layout import CheckpointError, resolve_export, step_of
 from distill.storage import open_store
 from distill.training.checkpoint import CheckpointContents, CheckpointManager, RNGState
-from distill.training.distributed import all_reduce_mean, init_distributed
+from distill.training.distributed import all_reduce_mean, init_distributed, ranks_where
 from distill.training.engines import wrap_in_engines
 from distill.training.metrics import MetricsLog, truncate_metrics
 from distill.training.run_folder import RunFolder
@@ -31,7 +40,8 @@ from distill.video import check_video_format
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dataset=None, resume: str | None = None):
+    def __init__(self, cfg: Config, dataset=None, resume: str | None = None, force: bool = False):
+        """`resume`: "latest" or a checkpoint name of this run; `force`: drop the run's checkpoints newer than it."""
         self.cfg = cfg
         self.device = resolve_device(cfg)
         precision = cfg.training.mixed_precision
@@ -40,17 +50,41 @@ class Trainer:
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.dist = init_distributed(self.device.type)
         self.folder = RunFolder(cfg)
-        self.folder.store.check()
         self.run_dir = self.folder.local
+        with self.folder.removed_on_error():
+            resume = self.open_run(resume, force)
+            self.build(dataset)
+            self.restore(resume)
+
+    def open_run(self, resume: str | None, force: bool) -> str | None:
+        """The store reachable, the checkpoint to resume from checked (or none there to overwrite), and the
+        checkpoints that roles start from verified: all before any model is built."""
+        self.folder.store.check()
         self.checkpoints = CheckpointManager(self.folder.store, self.folder.local, rank=self.dist.rank,
-                                             world_size=self.dist.world_size,
-                                             zero_stage=cfg.zero_stage)
+                                             world_size=self.dist.world_size, zero_stage=self.cfg.zero_stage)
+        self.dropped: list[str] = []
         if resume is not None:
-            resume = self.checkpoints.resolve(resume)
+            resume = self.checkpoints.resolve(resume, to_dict(self.cfg))
+            self.dropped = self.checkpoints.newer_than(resume)
+            if self.dropped and not force:
+                raise CheckpointError(
+                    f"--resume {resume}: the run has newer checkpoints ({', '.join(self.dropped)}) that resuming from "
+                    f"{resume} would drop, with the metrics.jsonl rows after step {step_of(resume)}; resume from "
+                    f"{self.dropped[-1]}, or pass --force to drop them")
         elif self.checkpoints.list()[0]:
             raise ConfigError(f"run.output: {self.folder.store.key_uri('checkpoints')} already holds checkpoints; "
                               f"resume with --resume, or choose another run.output")
+        for name, role in self.cfg.roles.items():
+            if role.init_from and role.init_from not in self.cfg.roles:
+                try:
+                    resolve_export(role.init_from, self.cfg.storage)  # verified once; build_roles reuses it
+                except CheckpointError as err:
+                    raise CheckpointError(f"roles.{name}.init_from: {err}") from None
+        return resume
 
+    def build(self, dataset) -> None:
+        """Model plugin, data (checked against the method, every shard's checksum), roles, method, engines."""
+        cfg = self.cfg
         # 1. The model plugin's shared parts, and the data checked against the method.
         spec = registry.get_method(cfg.method)
         torch.manual_seed(cfg.run.seed)
@@ -59,6 +93,8 @@ class Trainer:
         )
         self.dataset = dataset if dataset is not None else self.open_data(spec.cls)
         self.check_data(spec.cls)
+        if isinstance(self.dataset, ShardDataset):
+            self.dataset.verify()
         if cfg.validation.every:
             check_video_format(cfg.validation.video_format)
 
@@ -72,14 +108,19 @@ class Trainer:
         self.batches = BatchLoader(
             self.dataset, cfg.training.batch_size, rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.run.seed
         )
+
+    def restore(self, resume: str | None) -> None:
+        """The checkpoint's state (the newer ones dropped first, when forced), the metrics log, the config."""
         self.iteration = 0
         if resume is not None:
+            self.checkpoints.drop(self.dropped)
             self.resumed_from = self.checkpoints.load(resume, self.checkpoint_contents())
             if self.dist.is_main and self.folder.fetch("metrics.jsonl"):
                 truncate_metrics(self.run_dir, self.iteration)  # drop steps the dead run logged after its checkpoint
+        self.saved_at = self.iteration
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main, purge_step=self.iteration + 1)
         if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self.folder.sync("config.yaml")
 
     def open_data(self, method_cls):
@@ -146,8 +187,8 @@ class Trainer:
         n = self.cfg.training.gradient_accumulation_steps
         trainable = self.roles.trainable()
         steps_before = [h.optimizer_steps for h in trainable]
-        for _ in range(n):
-            for key, value in self.method.train_step(next(self.batches), self.iteration).items():
+        for batch in self.next_batches(n):
+            for key, value in self.method.train_step(batch, self.iteration).items():
                 sums[key] = sums.get(key, 0.0) + value
         values = {k: v / n for k, v in sums.items()}
         for handle, before in zip(trainable, steps_before):
@@ -155,7 +196,32 @@ class Trainer:
             if handle.optimizer_steps > before and handle.last_grad_norm is not None:  # the same on every rank
                 values[f"{handle.name}_grad_norm"] = handle.last_grad_norm
         self.iteration += 1
+        self.check_weights()
         return all_reduce_mean(values, self.device)
+
+    def next_batches(self, n: int) -> list[dict]:
+        """The iteration's micro-batches, read before any compute: a damaged shard then stops every rank at an
+        iteration boundary, the data position where it was, so a checkpoint keeps the work done."""
+        position = self.batches.state_dict()
+        try:
+            batches, error = [next(self.batches) for _ in range(n)], None
+        except ShardError as err:
+            batches, error = [], err
+        ranks = ranks_where(error is not None)
+        if ranks:
+            self.batches.load_state_dict(position)
+            raise error or ShardError(f"rank {ranks[0]} read a damaged shard (its own error names it)")
+        return batches
+
+    def check_weights(self) -> None:
+        """Every trainable weight finite after the iteration's optimizer steps, before anything logs, samples or
+        saves it; every rank stops together (ZeRO-3 ranks hold different parts)."""
+        bad = [f"{h.name}.{name}" for h in self.roles.trainable() for name in nonfinite_names(h.named_parameters())]
+        ranks = ranks_where(bool(bad))
+        if ranks:
+            raise NonFiniteError(f"weights became non-finite (NaN or Inf) at iteration {self.iteration - 1} on rank "
+                                 f"{', '.join(map(str, ranks))}{': ' + described(bad) if bad else ''}; the usual "
+                                 f"cause is a learning rate too large (training.learning_rate and its per-role keys)")
 
     def checkpoint_due(self) -> bool:
         every = self.cfg.training.checkpoint_every
@@ -168,8 +234,17 @@ class Trainer:
             self.folder.sync("metrics.jsonl")
             self.folder.sync("tb")
         tr = self.cfg.training
-        return self.checkpoints.save(self.checkpoint_contents(), keep_last=tr.keep_checkpoints,
+        name = self.checkpoints.save(self.checkpoint_contents(), keep_last=tr.keep_checkpoints,
                                      keep_every=tr.keep_checkpoint_every)
+        self.saved_at = self.iteration
+        return name
+
+    def keep_work(self) -> str:
+        """After a damaged shard stopped the run at an iteration boundary: a checkpoint of the work since the last."""
+        if self.iteration == self.saved_at:
+            return "no work since the last checkpoint was lost"
+        name = self.save_checkpoint()
+        return f"saved {name} before stopping: restore the shard, then resume with --resume"
 
     def validation_due(self) -> bool:
         every = self.cfg.validation.every
@@ -211,7 +286,12 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
                 bar.set_postfix({k: f"{values[k]:.4g}" for k in self.method.headline_losses if k in values})
+        except NonFiniteError as err:  # weights of this iteration's step (and later) are not to be trusted
+            raise NonFiniteError(f"{err}; {self.checkpoints.withdraw_from(self.iteration)}") from None
+        except ShardError as err:
+            raise ShardError(f"{err}; {self.keep_work()}") from None
         finally:
             bar.close()
             self.metrics.close()
+            self.folder.close()
         return history
