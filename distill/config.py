@@ -14,11 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import yaml
+from urllib.parse import urlsplit
 
 from distill.errors import ConfigError
-from distill.strict import build_section, non_negative, positive
+from distill.strict import build_section, load_yaml, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "build_config", "build_section", "load_config", "to_dict"]
 
@@ -45,11 +44,11 @@ class ModelConfig:
     preset: str | None = None
     """In-code architecture with random weights (`tiny`, `wan2.1-1.3b`); exclusive with `path`."""
     path: str | None = None
-    """A diffusers model folder (local path or hub id) to load with `from_pretrained`."""
+    """A diffusers model folder (a local path) or a hub model written `hub:<org>/<name>`, for `from_pretrained`."""
     pixel_space: bool = False
     """Train on pixels with no VAE (the shapes world); otherwise on VAE latents."""
     flow_shift: float = 3.0
-    """Flow-matching timestep shift of the noise scheduler."""
+    """Flow-matching timestep shift of the noise scheduler, in (0, 20] (Wan uses 3 at 480p, 5 at 720p)."""
     max_text_length: int = 512
     """Token length that prompt embeddings are padded to."""
     gradient_checkpointing: bool = False
@@ -61,12 +60,48 @@ class ModelConfig:
         if (self.preset is None) == (self.path is None):
             raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
         positive(self, path, "flow_shift", "max_text_length")
+        if self.flow_shift > MAX_FLOW_SHIFT:
+            raise ConfigError(f"{path}.flow_shift: must be at most {MAX_FLOW_SHIFT}, got {self.flow_shift}")
+        if self.path is not None:
+            check_weights_source(self.path, f"{path}.path")
 
+    @property
+    def pretrained(self) -> str | None:
+        """What `from_pretrained` takes: the folder, or the hub id without its `hub:`."""
+        return hub_id(self.path) or self.path
+
+
+MAX_FLOW_SHIFT = 20.0
+HUB = "hub:"
+
+
+def hub_id(source: str | None) -> str | None:
+    """The hub id of a weights source written `hub:<org>/<name>`, else None."""
+    return source[len(HUB):] if source and source.startswith(HUB) else None
+
+
+def check_weights_source(source: str, key: str, roles: tuple[str, ...] = ()) -> None:
+    """A source of weights is a role's name (when `roles` are given), `hub:<id>`, an s3:// URI or a local
+    path; a bare word that names no role is refused rather than looked up on the hub (a typo took 38 s
+    to fail there). Whether a path exists is checked before training (`distill.preflight`)."""
+    if source in roles or source.startswith("s3://"):
+        return
+    if source.startswith(HUB):
+        if not hub_id(source).strip():
+            raise ConfigError(f"{key}: {HUB} needs a hub id, e.g. hub:Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+        return
+    if "://" in source:
+        raise ConfigError(f"{key}: {source!r} has an unsupported scheme; give a local folder, an s3:// URI or hub:<id>")
+    if "/" not in source and source not in (".", ".."):
+        role = f"a role ({', '.join(roles)}), " if roles else ""
+        raise ConfigError(f"{key}: {source!r} is not {role}a path or a hub id; write a folder here as "
+                          f"./{source} and a hub model as hub:<org>/<name>")
 
 @dataclass(kw_only=True)
 class RoleConfig:
     init_from: str | None = None
-    """Another role's name (copy its weights), a diffusers transformer folder, or unset (the model's weights)."""
+    """Another role's name (copy its weights); a diffusers transformer folder or a checkpoint (a path, or s3://);
+    `hub:<org>/<name>`; or unset (the model's weights)."""
     trainable: bool = False
     """Whether the role gets an optimizer and a DeepSpeed engine; frozen roles are eval-mode, bf16 on GPU."""
 
@@ -198,7 +233,8 @@ class ValidationConfig:
 @dataclass(kw_only=True)
 class StorageConfig:
     endpoint_url: str | None = None
-    """S3-compatible endpoint for s3:// outputs; unset = AWS. Credentials come from the standard AWS chain only."""
+    """S3-compatible endpoint for s3:// outputs (http(s)://host[:port]); unset = AWS. Credentials come from the
+    standard AWS chain only, never from this URL."""
     region: str | None = None
     """S3 region; unset = the AWS chain's."""
     local_dir: str | None = None
@@ -222,7 +258,20 @@ class StorageConfig:
         positive(self, path, "retries", "connect_timeout", "read_timeout", "multipart_threshold_mb",
                   "multipart_chunk_mb", "max_concurrency")
         non_negative(self, path, "backoff_seconds")
+        if self.endpoint_url is not None:
+            check_endpoint_url(self.endpoint_url, f"{path}.endpoint_url")
 
+
+def check_endpoint_url(url: str, key: str) -> None:
+    """http(s)://host[:port][/path], with no user or password in it: those would be echoed in errors and
+    stored in the run's config.yaml. The message never repeats a URL that holds credentials."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ConfigError(f"{key}: the URL holds a user name or password; give the endpoint alone "
+                          f"(http://host:port) and the credentials through the AWS chain (AWS_ACCESS_KEY_ID / "
+                          f"AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected http(s)://host[:port], got {url!r}")
 
 @dataclass(kw_only=True)
 class Config:
@@ -275,6 +324,8 @@ class Config:
         for name, role in self.roles.items():
             if role.init_from == name:
                 raise ConfigError(f"roles.{name}.init_from: a role cannot start from itself")
+            if role.init_from is not None:
+                check_weights_source(role.init_from, f"roles.{name}.init_from", tuple(self.roles))
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,13 +340,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         dotted, text = item.split("=", 1)
         keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"--set {item!r}: expected key.path=value with no empty key")
+        value = load_yaml(text, f"--set {dotted.strip()}")
         node = raw
         for i, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
             node = child
-        node[keys[-1]] = yaml.safe_load(text)
+        node[keys[-1]] = value
     return raw
 
 
@@ -316,21 +370,36 @@ def build_config(raw: dict) -> Config:
     cfg = build_section(Config, raw, "")
     spec = registry.get_method(cfg.method, key="method")
     cfg.method_config = build_section(spec.config_cls, method_raw, "method_config")
-    registry.model_spec(cfg.model.family, key="model.family")
+    registry.model_spec(cfg.model.family, key="model.family").check_preset(cfg.model.preset)
     spec.cls.check_config(cfg)
     return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML run config, apply `--set` overrides, and check it strictly."""
+    return build_config(apply_overrides(read_config_file(path), overrides or []))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file; a ConfigError naming the file when it is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return build_config(apply_overrides(raw or {}, overrides or []))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); give a YAML config") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    raw = load_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run:, model:, ...) at the top level, "
+                          f"got a {type(raw).__name__}")
+    return raw
 
 
 def to_dict(cfg: Config) -> dict:

@@ -140,8 +140,8 @@ def read_manifest(store: ArtifactStore, prefix: str = "") -> dict:
 
 
 def open_checkpoint(uri: str, storage: StorageConfig | None = None) -> Checkpoint:
-    """Open a complete checkpoint folder (`<output>/checkpoints/step-000500`, local or s3://)."""
-    uri = uri.rstrip("/")
+    """Open a complete checkpoint folder (`<output>/checkpoints/step-000500` or `.../latest`, local or s3://)."""
+    uri = resolve_latest(uri, storage)
     store = open_store(uri, storage)
     manifest = read_manifest(store)
     cfg = build_config(yaml.safe_load(store.get_text("config.yaml")))
@@ -150,18 +150,39 @@ def open_checkpoint(uri: str, storage: StorageConfig | None = None) -> Checkpoin
     return Checkpoint(uri, store, manifest, cfg)
 
 
+def check_weights_folder(path: str, key: str, storage: StorageConfig | None = None) -> None:
+    """Fail naming `key` unless `path` is a local folder, a complete checkpoint, or a run's
+    `checkpoints/latest` naming one (s3:// sources must be checkpoints); nothing is downloaded."""
+    path = path.rstrip("/")
+    if not path.startswith("s3://") and not path.endswith(f"/{LATEST}"):
+        if not Path(path).is_dir():
+            raise CheckpointError(f"{key}: {path}: no such folder")
+        return
+    try:
+        path = resolve_latest(path, storage)
+    except CheckpointError as err:
+        raise CheckpointError(f"{key}: {err}") from None
+    if not open_store(path, storage).exists(MANIFEST):  # any layout: an old one's export/ serves as well
+        raise CheckpointError(f"{key}: {path}: not a complete checkpoint (no {MANIFEST})")
+
+
+def resolve_latest(path: str, storage: StorageConfig | None = None) -> str:
+    """`<output>/checkpoints/latest` as the checkpoint it names; any other path as it is."""
+    path = path.rstrip("/")
+    if not path.endswith(f"/{LATEST}"):
+        return path
+    root = path[: -len(LATEST) - 1]
+    store = open_store(root, storage)
+    if not store.exists(LATEST):
+        raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
+    return f"{root}/{store.get_text(LATEST).strip()}"
+
+
 def resolve_export(path: str, storage: StorageConfig | None = None) -> str | None:
     """The export folder (holding one folder per module) of a checkpoint (`.../checkpoints/step-000500`)
     or of a run's newest one (`.../checkpoints/latest`), local or s3:// (downloaded); None for any
     other path."""
-    path = path.rstrip("/")
-    if path.endswith(f"/{LATEST}"):
-        root = path[: -len(LATEST) - 1]
-        store = open_store(root, storage)
-        if not store.exists(LATEST):
-            raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
-        path = f"{root}/{store.get_text(LATEST).strip()}"
-    store = open_store(path, storage)
+    store = open_store(resolve_latest(path, storage), storage)
     if not store.exists(MANIFEST):
         return None
     if store.is_local:

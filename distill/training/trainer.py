@@ -21,6 +21,7 @@ from distill.data.loader import BatchLoader
 from distill.data.prompts import PromptDataset
 from distill.data.shards import ShardDataset
 from distill.device import resolve_device
+from distill.preflight import check_inputs
 from distill.storage import open_store
 from distill.training.checkpoint import CheckpointContents, CheckpointManager, RNGState
 from distill.training.distributed import all_reduce_mean, init_distributed
@@ -31,12 +32,13 @@ from distill.video import check_video_format
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dataset=None, resume: str | None = None):
+    def __init__(self, cfg: Config, dataset=None, resume: str | None = None, overwrite: bool = False):
+        """resume: a checkpoint name or "latest"; overwrite: a fresh run may replace an earlier run's files
+        in run.output (deleted once the models are built). Without either, run.output must be empty."""
         self.cfg = cfg
+        check_inputs(cfg, data=dataset is None)
         self.device = resolve_device(cfg)
         precision = cfg.training.mixed_precision
-        if precision == "bf16" and self.device.type == "cpu":
-            raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.dist = init_distributed(self.device.type)
         self.folder = RunFolder(cfg)
@@ -47,9 +49,8 @@ class Trainer:
                                              zero_stage=cfg.zero_stage)
         if resume is not None:
             resume = self.checkpoints.resolve(resume)
-        elif self.checkpoints.list()[0]:
-            raise ConfigError(f"run.output: {self.folder.store.key_uri('checkpoints')} already holds checkpoints; "
-                              f"resume with --resume, or choose another run.output")
+        elif not overwrite:
+            self.folder.refuse_leftovers()
 
         # 1. The model plugin's shared parts, and the data checked against the method.
         spec = registry.get_method(cfg.method)
@@ -77,6 +78,8 @@ class Trainer:
             self.resumed_from = self.checkpoints.load(resume, self.checkpoint_contents())
             if self.dist.is_main and self.folder.fetch("metrics.jsonl"):
                 truncate_metrics(self.run_dir, self.iteration)  # drop steps the dead run logged after its checkpoint
+        if overwrite and resume is None and self.dist.is_main:
+            self.folder.clear()  # only now: a config that fails to build leaves the earlier run as it was
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main, purge_step=self.iteration + 1)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
