@@ -7,7 +7,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from distill.errors import ConfigError, InputError
+from distill.errors import ConfigError
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,21 +50,10 @@ def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
 
 def endpoint_url(text: str) -> str:
     """An S3-compatible endpoint, http(s)://host[:port], with no credentials in it."""
-    from distill.config import check_endpoint_url
+    from distill.locations import check_endpoint_url
 
     try:
         check_endpoint_url(text, "--endpoint-url")
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--endpoint-url: ")) from None
-    return text
-
-
-def metric_spec(text: str) -> str:
-    """NAME=PATH of a plug-in quality metric: a known name and a local weights folder."""
-    from distill.bench.quality import check_metric
-
-    try:
-        check_metric(text)
-    except InputError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix("--metric ")) from None
     return text

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distill.arguments import Parser, at_least, endpoint_url, metric_spec, number_in
+from distill.arguments import Parser, at_least, endpoint_url, number_in
 from distill.config import ConfigError, load_config
 from distill.errors import InputError
 from distill.validation import MAX_GUIDANCE_SCALE
@@ -79,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     _overrides(check)
     return parser
+
+
+def metric_spec(text: str) -> str:
+    """argparse type of --metric NAME=PATH: a known metric and a local weights folder."""
+    from distill.bench.quality import check_metric
+
+    try:
+        check_metric(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--metric ")) from None
+    return text
 
 
 def _overrides(parser: argparse.ArgumentParser) -> None:

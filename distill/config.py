@@ -14,10 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from distill.errors import ConfigError
-from distill.strict import build_section, load_yaml, non_negative, positive
+from distill.locations import check_endpoint_url, check_weights_source, hub_id
+from distill.strict import build_section, check_seeds, load_yaml, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "build_config", "build_section", "load_config", "to_dict"]
 
@@ -34,7 +34,14 @@ class RunConfig:
     output: str = "runs/default"
     """Folder of the run: config, metrics, checkpoints, validation videos."""
     seed: int = 0
-    """Seed of weight init, data order, noise and timestep draws."""
+    """Seed of weight init, data order, noise and timestep draws, in [0, 2**32)."""
+
+    def validate(self, path: str) -> None:
+        check_seeds(path, "seed", [self.seed])
+
+
+MAX_FLOW_SHIFT = 20.0
+"""The largest flow shift a config takes: flow-matching video models use 3 to 17."""
 
 
 @dataclass(kw_only=True)
@@ -54,15 +61,18 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass of trainable transformers."""
     init_seed: int = 0
-    """Seed of a preset's random weights: the same seed gives the same weights in every run and tool."""
+    """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
 
     def validate(self, path: str) -> None:
         if (self.preset is None) == (self.path is None):
             raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
         positive(self, path, "flow_shift", "max_text_length")
+        check_seeds(path, "init_seed", [self.init_seed])
         if self.flow_shift > MAX_FLOW_SHIFT:
             raise ConfigError(f"{path}.flow_shift: must be at most {MAX_FLOW_SHIFT}, got {self.flow_shift}")
         if self.path is not None:
+            if self.path.startswith("s3://"):
+                raise ConfigError(f"{path}.path: a model is loaded from a local folder or hub:<id>, not from s3://")
             check_weights_source(self.path, f"{path}.path")
 
     @property
@@ -70,32 +80,6 @@ class ModelConfig:
         """What `from_pretrained` takes: the folder, or the hub id without its `hub:`."""
         return hub_id(self.path) or self.path
 
-
-MAX_FLOW_SHIFT = 20.0
-HUB = "hub:"
-
-
-def hub_id(source: str | None) -> str | None:
-    """The hub id of a weights source written `hub:<org>/<name>`, else None."""
-    return source[len(HUB):] if source and source.startswith(HUB) else None
-
-
-def check_weights_source(source: str, key: str, roles: tuple[str, ...] = ()) -> None:
-    """A source of weights is a role's name (when `roles` are given), `hub:<id>`, an s3:// URI or a local
-    path; a bare word that names no role is refused rather than looked up on the hub (a typo took 38 s
-    to fail there). Whether a path exists is checked before training (`distill.preflight`)."""
-    if source in roles or source.startswith("s3://"):
-        return
-    if source.startswith(HUB):
-        if not hub_id(source).strip():
-            raise ConfigError(f"{key}: {HUB} needs a hub id, e.g. hub:Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-        return
-    if "://" in source:
-        raise ConfigError(f"{key}: {source!r} has an unsupported scheme; give a local folder, an s3:// URI or hub:<id>")
-    if "/" not in source and source not in (".", ".."):
-        role = f"a role ({', '.join(roles)}), " if roles else ""
-        raise ConfigError(f"{key}: {source!r} is not {role}a path or a hub id; write a folder here as "
-                          f"./{source} and a hub model as hub:<org>/<name>")
 
 @dataclass(kw_only=True)
 class RoleConfig:
@@ -211,7 +195,7 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     """Validation prompts; empty = the first training prompt."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    """One video per (prompt, seed)."""
+    """One video per (prompt, seed); each in [0, 2**32)."""
     num_frames: int | None = None
     """Frames; unset = data.num_frames."""
     height: int | None = None
@@ -228,6 +212,7 @@ class ValidationConfig:
         positive(self, path, "num_frames", "height", "width", "fps")
         if not self.seeds:
             raise ConfigError(f"{path}.seeds: give at least one seed")
+        check_seeds(path, "seeds", self.seeds)
 
 
 @dataclass(kw_only=True)
@@ -262,17 +247,6 @@ class StorageConfig:
             check_endpoint_url(self.endpoint_url, f"{path}.endpoint_url")
 
 
-def check_endpoint_url(url: str, key: str) -> None:
-    """http(s)://host[:port][/path], with no user or password in it: those would be echoed in errors and
-    stored in the run's config.yaml. The message never repeats a URL that holds credentials."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        raise ConfigError(f"{key}: the URL holds a user name or password; give the endpoint alone "
-                          f"(http://host:port) and the credentials through the AWS chain (AWS_ACCESS_KEY_ID / "
-                          f"AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{key}: expected http(s)://host[:port], got {url!r}")
-
 @dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -302,6 +276,9 @@ class Config:
         return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
 
     def validate(self, path: str) -> None:
+        zero = self.deepspeed.get("zero_optimization", {})
+        if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_optimization: expected a mapping with stage 0, 1, 2 or 3, got {zero!r}")
         for key in ("bf16", "bfloat16", "fp16", "amp"):  # bfloat16: DeepSpeed's alias of bf16
             if key in self.deepspeed:
                 raise ConfigError(f"deepspeed.{key}: set training.mixed_precision instead (auto = bf16 on GPU, fp32 on CPU)")
@@ -324,8 +301,6 @@ class Config:
         for name, role in self.roles.items():
             if role.init_from == name:
                 raise ConfigError(f"roles.{name}.init_from: a role cannot start from itself")
-            if role.init_from is not None:
-                check_weights_source(role.init_from, f"roles.{name}.init_from", tuple(self.roles))
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,6 +347,9 @@ def build_config(raw: dict) -> Config:
     cfg.method_config = build_section(spec.config_cls, method_raw, "method_config")
     registry.model_spec(cfg.model.family, key="model.family").check_preset(cfg.model.preset)
     spec.cls.check_config(cfg)
+    for name, role in cfg.roles.items():  # after the method's roles: a missing role is named as such first
+        if role.init_from is not None:
+            check_weights_source(role.init_from, f"roles.{name}.init_from", tuple(cfg.roles))
     return cfg
 
 

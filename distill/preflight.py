@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.config import Config, ConfigError, hub_id
+from distill.config import Config, ConfigError
+from distill.locations import hub_id
 from distill.run_layout import check_weights_folder
 from distill.storage import open_store
 
 
 def check_inputs(cfg: Config, *, data: bool = True) -> None:
-    """Weights sources, the data to train on (unless the caller brings its own), device and precision."""
+    """Weights sources, the data to train on (unless the caller brings its own), the output's store, device
+    and precision."""
     check_weights(cfg)
     if data:
         check_data(cfg)
+    check_output(cfg)
     check_runtime(cfg)
 
 
@@ -46,13 +49,22 @@ def check_data(cfg: Config) -> None:
                           f"writes shards; then set data.shards to train on them")
 
 
+def check_output(cfg: Config) -> None:
+    """run.output is a folder (or can be made), and its store answers (bucket, credentials, endpoint)."""
+    store = open_store(cfg.run.output, cfg.storage)
+    if store.is_local and Path(store.root).exists() and not Path(store.root).is_dir():
+        raise ConfigError(f"run.output: {store.root} is a file; a run's output is a folder")
+    store.check()
+
+
 def check_runtime(cfg: Config) -> None:
     """The device asked for is there, its precision runs on it, and validation can write its videos."""
     tr = cfg.training
     if tr.device == "cuda" or tr.mixed_precision == "bf16":  # only these can fail: import torch for them alone
         from distill.device import resolve_device
 
-        if tr.mixed_precision == "bf16" and resolve_device(cfg).type == "cpu":
+        device = resolve_device(cfg)  # cuda asked for and not there: an error
+        if tr.mixed_precision == "bf16" and device.type == "cpu":
             raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
     if cfg.validation.every:
         from distill.video import check_video_format

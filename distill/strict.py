@@ -120,6 +120,13 @@ def non_negative(obj: Any, path: str, *keys: str) -> None:
             raise ConfigError(f"{path}.{key}: must be >= 0, got {value}")
 
 
+def check_seeds(path: str, key: str, seeds: list[int]) -> None:
+    """Seeds lie in [0, 2**32): torch's generators refuse larger ones, and derived seeds must not overflow."""
+    for seed in seeds:
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"{path}.{key}: a seed must be in [0, 2**32), got {seed}")
+
+
 def in_range(obj: Any, path: str, key: str, low: float, high: float, *, low_open: bool = False) -> None:
     """`key` lies in [low, high] (or (low, high] with low_open); unset passes."""
     value = getattr(obj, key)

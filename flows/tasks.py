@@ -97,13 +97,17 @@ def preprocess(config: str, overrides: list[str]) -> str:
 
 @task(name="make-shapes-dataset", cache_key_fn=lambda ctx, p: json.dumps(p, sort_keys=True), persist_result=True)
 def make_shapes(out: str, count: int, num_frames: int, height: int, width: int, seed: int) -> str:
-    from distill.data.shapes import ShapesWorldConfig, write_dataset
+    """The shapes data set at `out`; one made earlier (other settings, or its cached result gone) is replaced,
+    any other non-empty folder is refused."""
+    from distill.data.shapes import ShapesWorldConfig, is_shapes_dataset, write_dataset
 
-    write_dataset(out, count, ShapesWorldConfig(num_frames=num_frames, height=height, width=width, seed=seed))
+    write_dataset(out, count, ShapesWorldConfig(num_frames=num_frames, height=height, width=width, seed=seed),
+                  overwrite=is_shapes_dataset(out))
     return out
 
 
-def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: bool) -> list[str]:
+def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: bool,
+                     overwrite: bool = False) -> list[str]:
     """The deepspeed launcher over the `distill` console script, one rank per GPU (one on CPU)."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     distill = shutil.which("distill", path=os.path.dirname(sys.executable)) or "distill"
@@ -114,6 +118,8 @@ def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: b
         cmd += ["--set", item]
     if resume:
         cmd.append("--resume")
+    elif overwrite:
+        cmd.append("--overwrite")
     return cmd
 
 
@@ -122,8 +128,9 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     """Run training under the deepspeed launcher; stream its log; publish each validation as an artifact.
 
     A run that already finished with this very config is not trained again. `resume`: True continues
-    from the newest checkpoint, False refuses an output that holds checkpoints, None (automation)
-    resumes when there is one.
+    from the newest checkpoint, False refuses an output that holds anything, None (automation)
+    resumes when there is a checkpoint, and otherwise starts over where an attempt of this very
+    config died before its first checkpoint (any other run's files are refused).
     """
     logger = get_run_logger()
     cfg = load_config(config, overrides)
@@ -134,9 +141,12 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
         if saved == to_dict(cfg):
             logger.info(f"{cfg.run.output} finished with this config already ({latest}); not training again")
             return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
+    overwrite = False
     if resume is None:
         resume = latest is not None
-    cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume)
+        overwrite = not resume and store.exists("config.yaml") and \
+            yaml.safe_load(store.get_text("config.yaml")) == to_dict(cfg)
+    cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume, overwrite)
     logger.info("launching: " + " ".join(cmd))
     published: set[str] = set()
     # The launcher sets each rank's RANK / MASTER_* itself; none leak in from this process.

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from distill.adapter import Batch, LatentsSource
-from distill.config import Config, hub_id
+from distill.config import Config
+from distill.locations import hub_id
 from distill.errors import ConfigError
 from distill.roles import RoleHandle, RoleManager
 from distill.run_layout import resolve_export

@@ -17,7 +17,8 @@ from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from torch import nn
 
 from distill.adapter import Batch, BatchError, LatentsSource
-from distill.config import Config, hub_id
+from distill.config import Config
+from distill.locations import hub_id
 from distill.errors import ConfigError
 from distill.models.base import cast_frozen
 from distill.models.flow_match import FlowMatchFamily

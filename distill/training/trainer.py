@@ -1,7 +1,8 @@
 """The training loop: infra only. Any registered method, any registered model plugin.
 
-Build order (cheap checks first): device and process group → run folder and its store
-(reachable, and a checkpoint to resume from, or none to overwrite) → model plugin
+Build order (cheap checks first): the inputs (`distill.preflight`: weights sources, data, the
+output's store, device) → run folder (empty, unless --resume or --overwrite) → process group →
+a checkpoint to resume from → model plugin
 (scheduler, VAE, tokenizer) → data fields vs. what the method needs → roles → method
 (optimizers) → one DeepSpeed engine per trainable role → resume. Then `train()` runs
 iterations, logs metrics, samples validation videos every `validation.every` iterations
@@ -40,17 +41,16 @@ class Trainer:
         self.device = resolve_device(cfg)
         precision = cfg.training.mixed_precision
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.folder = RunFolder(cfg)  # its store answered in check_inputs
+        if resume is None and not overwrite:
+            self.folder.refuse_leftovers()
         self.dist = init_distributed(self.device.type)
-        self.folder = RunFolder(cfg)
-        self.folder.store.check()
         self.run_dir = self.folder.local
         self.checkpoints = CheckpointManager(self.folder.store, self.folder.local, rank=self.dist.rank,
                                              world_size=self.dist.world_size,
                                              zero_stage=cfg.zero_stage)
         if resume is not None:
             resume = self.checkpoints.resolve(resume)
-        elif not overwrite:
-            self.folder.refuse_leftovers()
 
         # 1. The model plugin's shared parts, and the data checked against the method.
         spec = registry.get_method(cfg.method)
