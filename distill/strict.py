@@ -171,7 +171,8 @@ def _refuse_duplicate_keys(node: yaml.Node, path: str, source: str) -> None:
             key = f"{path}.{key_node.value}" if path else str(key_node.value)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ConfigError(f"{source}: {key} is written twice, on lines {seen[key]} and {line} "
-                                  f"(YAML would keep the last silently); keep one")
+                where = f"on line {line}" if seen[key] == line else f"on lines {seen[key]} and {line}"
+                raise ConfigError(f"{source}: {key} is written twice, {where} (YAML would keep the last "
+                                  f"silently); keep one")
             seen[key] = line
             _refuse_duplicate_keys(value_node, key, source)
