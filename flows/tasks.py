@@ -128,9 +128,7 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     """Run training under the deepspeed launcher; stream its log; publish each validation as an artifact.
 
     A run that already finished with this very config is not trained again. `resume`: True continues
-    from the newest checkpoint, False refuses an output that holds anything, None (automation)
-    resumes when there is a checkpoint, and otherwise starts over where an attempt of this very
-    config died before its first checkpoint (any other run's files are refused).
+    from the newest checkpoint, False refuses an output that holds anything, None: see `start_flags`.
     """
     logger = get_run_logger()
     cfg = load_config(config, overrides)
@@ -141,12 +139,9 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
         if saved == to_dict(cfg):
             logger.info(f"{cfg.run.output} finished with this config already ({latest}); not training again")
             return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
-    overwrite = False
-    if resume is None:
-        resume = latest is not None
-        overwrite = not resume and store.exists("config.yaml") and \
-            yaml.safe_load(store.get_text("config.yaml")) == to_dict(cfg)
-    cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume, overwrite)
+    launched = [*overrides, "training.progress_bar=false"]
+    resume, overwrite = start_flags(store, load_config(config, launched), resume)
+    cmd = launcher_command(config, launched, num_gpus, resume, overwrite)
     logger.info("launching: " + " ".join(cmd))
     published: set[str] = set()
     # The launcher sets each rank's RANK / MASTER_* itself; none leak in from this process.
@@ -169,6 +164,19 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
         raise RuntimeError(f"training exited with code {code}; the newest complete checkpoint stays resumable "
                            f"(run again with resume=True)")
     return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
+
+
+def start_flags(store, cfg: Config, resume: bool | None) -> tuple[bool, bool]:
+    """(--resume, --overwrite) of a training launch into `store`, the run's output, for the config as launched.
+
+    None (automation) resumes from a checkpoint when there is one; without one, it starts over only where
+    an attempt of this very config died before its first checkpoint, so another run's files stay refused.
+    """
+    if resume is not None:
+        return resume, False
+    if latest_checkpoint(store) is not None:
+        return True, False
+    return False, store.exists("config.yaml") and yaml.safe_load(store.get_text("config.yaml")) == to_dict(cfg)
 
 
 def publish_validations(cfg: Config, store, published: set[str]) -> None:

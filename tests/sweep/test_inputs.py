@@ -65,7 +65,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def no_partial_folders(parent: Path) -> bool:
-    return not [p for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name] if parent.exists() else True
+    """No staging folder (`.NAME.partial-*`) or set-aside earlier output (`.NAME.old-*`) is left in `parent`."""
+    return not any(".partial-" in p.name or ".old-" in p.name for p in parent.iterdir())
 
 
 def write_config(tmp_path: Path, raw: dict | None = None, name: str = "run.yaml", **sections) -> Path:
@@ -192,6 +193,27 @@ def test_overwrite_starts_the_run_over_without_the_earlier_files(tmp_path, capsy
     assert [r["step"] for r in rows] == [1] and "critic_loss" in rows[0] and rows[0]["critic_loss"] != 9.0
     assert not (run / "validation").exists() and not (run / "tb" / "events.out.tfevents.1").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["run"]["name"] == "test"
+
+
+def test_automated_reruns_start_over_only_an_attempt_of_their_own_config(tmp_path):
+    """The pipeline's train task (resume=None) passes --resume where there is a checkpoint, --overwrite where an
+    attempt of the same config died before its first one, and neither over another run's files (then refused)."""
+    from distill.config import to_dict
+    from distill.storage import open_store
+    from flows.tasks import start_flags
+    from tiny import tiny_config
+
+    run = tmp_path / "run"
+    cfg, store = tiny_config(run), open_store(str(run))
+    assert start_flags(store, cfg, None) == (False, False)  # a new run
+    earlier_run(run)
+    assert start_flags(store, cfg, None) == (False, False)  # another run's files: the trainer refuses them
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    assert start_flags(store, cfg, None) == (False, True)  # its own dead attempt: start over
+    assert start_flags(store, cfg, False) == (False, False)  # resume=False never overwrites
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step-000002")
+    assert start_flags(store, cfg, None) == (True, False)
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
