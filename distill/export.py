@@ -16,6 +16,7 @@ from pathlib import Path
 
 from distill import registry
 from distill.config import StorageConfig
+from distill.errors import InputError
 from distill.outputs import check_output_folder, staged_folder
 from distill.run_layout import open_checkpoint
 from distill.validation import SamplingSpec
@@ -31,6 +32,8 @@ def export(checkpoint: str, out_dir: str | Path, storage: StorageConfig | None =
 
     ckpt = open_checkpoint(checkpoint, storage)
     out_dir = check_output_folder(out_dir, overwrite=overwrite, what="export folder")
+    if ckpt.store.is_local and Path(ckpt.store.root).resolve().is_relative_to(out_dir.resolve()):
+        raise InputError(f"{out_dir}: holds the checkpoint being exported ({checkpoint}); choose another folder")
     cfg = ckpt.config
     plugin = registry.get_model(cfg.model.family)(cfg, device=torch.device("cpu"), frozen_dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp, staged_folder(out_dir) as staging:

@@ -37,7 +37,7 @@ def check_output_folder(path: str | Path, *, overwrite: bool = False, what: str 
 def staged_folder(target: str | Path) -> Iterator[Path]:
     """A fresh folder beside `target` to write into; on success it replaces `target` (whole), on failure it
     is removed, and so are the parent folders made for it."""
-    target = Path(target)
+    target = Path(target).resolve()  # `.` and `x/..` have a name and a parent to stage beside
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))

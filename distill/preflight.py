@@ -57,6 +57,25 @@ def check_output(cfg: Config) -> None:
     store.check()
 
 
+def check_overwrite(cfg: Config) -> None:
+    """--overwrite deletes what run.output holds: refuse when an input of the run lives there."""
+    output = _normal(cfg.run.output)
+    inputs = {"data.shards": cfg.data.shards, "data.videos": cfg.data.videos, "model.path": cfg.model.path}
+    inputs.update({f"roles.{name}.init_from": role.init_from for name, role in cfg.roles.items()
+                   if role.init_from not in cfg.roles})
+    for key, value in inputs.items():
+        if value is None or hub_id(value) is not None:
+            continue
+        where = _normal(value)
+        if where == output or where.startswith(f"{output}/"):
+            raise ConfigError(f"run.output: {cfg.run.output} holds {key} ({value}), which --overwrite would delete; "
+                              f"choose another run.output")
+
+
+def _normal(location: str) -> str:
+    return location.rstrip("/") if "://" in location else str(Path(location).resolve())
+
+
 def check_runtime(cfg: Config) -> None:
     """The device asked for is there, its precision runs on it, and validation can write its videos."""
     tr = cfg.training

@@ -130,6 +130,8 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
     """Rows of the inference/quality table, and the report's metadata."""
     ckpt = open_checkpoint(uri, storage)
     cfg = ckpt.config
+    # The run's data first: a data folder that is gone fails before any model is built.
+    data = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed, per_prompt=spec.seeds)
     device = resolve_device(cfg)
     plugin = registry.get_model(cfg.model.family)(
         cfg, device=device, frozen_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -149,7 +151,6 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             runs.append((teacher, dataclasses.replace(reference, num_inference_steps=sampling.num_steps)))
 
     d = cfg.data
-    data = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed, per_prompt=spec.seeds)
     captions, real_videos = data.captions, data.real_videos
     real_features = real_feature_set(real_videos) if len(real_videos) > 1 else None
     metrics = [load_metric(m) for m in spec.metrics]

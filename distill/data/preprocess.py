@@ -157,6 +157,8 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
     if not d.shards:
         raise ConfigError("data.shards: set the folder that preprocessing writes")
     store = open_store(d.shards, cfg.storage)
+    if store.is_local and Path(store.root).exists() and not Path(store.root).is_dir():
+        raise ConfigError(f"data.shards: {store.root} is a file; shards go into a folder")
     store.check()
     # 1. Inputs, checked.
     items = read_items(cfg)

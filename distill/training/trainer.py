@@ -22,7 +22,7 @@ from distill.data.loader import BatchLoader
 from distill.data.prompts import PromptDataset
 from distill.data.shards import ShardDataset
 from distill.device import resolve_device
-from distill.preflight import check_inputs
+from distill.preflight import check_inputs, check_overwrite
 from distill.storage import open_store
 from distill.training.checkpoint import CheckpointContents, CheckpointManager, RNGState
 from distill.training.distributed import all_reduce_mean, init_distributed
@@ -42,7 +42,9 @@ class Trainer:
         precision = cfg.training.mixed_precision
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.folder = RunFolder(cfg)  # its store answered in check_inputs
-        if resume is None and not overwrite:
+        if resume is None and overwrite:
+            check_overwrite(cfg)  # --overwrite deletes run.output's files: none may be an input
+        elif resume is None:
             self.folder.refuse_leftovers()
         self.dist = init_distributed(self.device.type)
         self.run_dir = self.folder.local

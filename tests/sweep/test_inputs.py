@@ -195,6 +195,16 @@ def test_overwrite_starts_the_run_over_without_the_earlier_files(tmp_path, capsy
     assert yaml.safe_load((run / "config.yaml").read_text())["run"]["name"] == "test"
 
 
+def test_overwrite_never_deletes_an_input_of_the_run(tmp_path, capsys, no_model):
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    (run / "shards" / "MANIFEST.json").write_text('{"format_version": 1}')
+    config = write_config(tmp_path, data={"shards": str(run / "shards")})
+    one_line_error(run_cli(capsys, "train", config, "--overwrite"), "run.output", "holds data.shards",
+                   "--overwrite would delete")
+    assert snapshot(run) == {"shards/MANIFEST.json": b'{"format_version": 1}'}
+
+
 def test_automated_reruns_start_over_only_an_attempt_of_their_own_config(tmp_path):
     """The pipeline's train task (resume=None) passes --resume where there is a checkpoint, --overwrite where an
     attempt of the same config died before its first one, and neither over another run's files (then refused)."""
@@ -251,6 +261,14 @@ def test_export_overwrite_replaces_the_folder_whole(tmp_path, capsys, checkpoint
     assert code == 0, err
     assert not (out / "stale.bin").exists() and (out / "model_index.json").is_file()
     assert json.loads((out / "distill_export.json").read_text())["step"] == 1 and no_partial_folders(tmp_path)
+
+
+def test_export_over_the_folder_that_holds_the_checkpoint_is_refused(capsys, checkpoint, no_model):
+    run = checkpoint.parent.parent
+    before = snapshot(run)
+    one_line_error(run_cli(capsys, "export", checkpoint, run, "--overwrite"), str(run),
+                   "holds the checkpoint being exported")
+    assert snapshot(run) == before
 
 
 def test_a_failed_export_leaves_no_folder(tmp_path, capsys, checkpoint, monkeypatch):
@@ -389,6 +407,15 @@ def test_a_failed_bench_leaves_the_earlier_report_and_no_partial_folder(tmp_path
     shutil.rmtree(report.parent)
 
 
+def test_bench_reads_the_run_data_before_building_models(tmp_path, capsys, checkpoint, no_model, monkeypatch):
+    def gone(*args, **kwargs):
+        raise InputError("data/shapes/captions.csv: captions table not found")
+
+    monkeypatch.setattr("distill.bench.inference.bench_data", gone)
+    one_line_error(run_cli(capsys, "bench", checkpoint, "--out", tmp_path / "report"), "captions table not found")
+    assert not (tmp_path / "report").exists()
+
+
 def reports(tmp_path: Path) -> list[Path]:
     folders = []
     for name, adherence in (("a", 0.9), ("b", 0.8)):
@@ -485,6 +512,14 @@ def test_check_config_makes_every_check_train_makes_before_building_models(tmp_p
     for command in ("check-config", "train"):
         one_line_error(run_cli(capsys, command, config, *overrides), expected)
     assert not (tmp_path / "run").exists()
+
+
+def test_shards_into_a_file_are_refused(tmp_path, capsys, no_model):
+    file = tmp_path / "shards"
+    file.write_text("mine")
+    data = {"prompts": ["a red circle"], "prompt_only": True, "shards": str(file)}
+    one_line_error(run_cli(capsys, "preprocess", write_config(tmp_path, data=data)), "data.shards", "is a file")
+    assert file.read_text() == "mine"
 
 
 def preprocess_config(tmp_path: Path, table: bytes, name: str = "captions.csv") -> Path:
@@ -598,6 +633,18 @@ def test_bench_teacher_guidance_is_bounded(tmp_path, capsys, no_model):
 def test_shapes_argument_errors_write_nothing(tmp_path, capsys, args, named):
     line = one_line_error(run_cli(capsys, "shapes", tmp_path / "shapes", *args), named)
     assert line.startswith("distill shapes: error:") and not (tmp_path / "shapes").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--iterations", "0"], "argument --iterations: must be at least 1"),
+    (["--set", "model.preset=bogus"], "config error: model.preset: unknown preset 'bogus'"),
+], ids=["iterations-0", "bad-config"])
+def test_the_training_throughput_tool_errors_in_one_line(tmp_path, capsys, no_model, args, expected):
+    from distill.bench.training import main as throughput_main
+
+    with pytest.raises(SystemExit) as exit_:
+        throughput_main([str(write_config(tmp_path)), *args])
+    one_line_error((exit_.value.code, "", capsys.readouterr().err), "python -m distill.bench.training", expected)
 
 
 def test_shapes_help_names_its_program(capsys):
