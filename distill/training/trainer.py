@@ -28,7 +28,7 @@ from distill.training.checkpoint import CheckpointContents, CheckpointManager, R
 from distill.training.distributed import all_reduce_mean, init_distributed
 from distill.training.engines import wrap_in_engines
 from distill.training.metrics import MetricsLog, truncate_metrics
-from distill.training.run_folder import RunFolder
+from distill.training.run_folder import SHARD_CACHE, RunFolder
 from distill.video import check_video_format
 
 
@@ -96,7 +96,7 @@ class Trainer:
                                 video={"num_frames": d.num_frames, "height": d.height, "width": d.width},
                                 negative_prompt=d.negative_prompt,
                                 with_latents=method_cls.latents_source(self.cfg.method_config) == "data",
-                                cache_dir=self.run_dir / "shard-cache" / f"rank-{self.dist.rank:05d}")
+                                cache_dir=self.run_dir / SHARD_CACHE / f"rank-{self.dist.rank:05d}")
         if d.prompts:
             return PromptDataset(d.prompts)
         raise ConfigError(f"data.videos ({d.videos}) must be preprocessed first: `distill preprocess CONFIG` "
