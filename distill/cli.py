@@ -1,9 +1,11 @@
 """`distill` command line: train, preprocess, shapes, check-config.
 
     distill shapes OUT --count 1000            a shapes-world data set (videos + captions.csv)
+    distill export CHECKPOINT OUT_DIR          the student as a stock diffusers folder
     distill bench CHECKPOINT / compare REPORT...  benchmarks and their comparison
     distill preprocess CONFIG                  data.videos -> data.shards
-    distill train CONFIG [--set key.path=value ...]
+    distill train CONFIG [--set key.path=value ...] [--resume [CHECKPOINT] | --overwrite]
+    distill check-config CONFIG [--set ...]    every check train makes before building models
 
 Several ranks: `deepspeed --num_gpus 2 $(which distill) train CONFIG` (NCCL on GPU, gloo on CPU).
 """
@@ -13,54 +15,88 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distill.arguments import Parser, at_least, endpoint_url, number_in
 from distill.config import ConfigError, load_config
 from distill.errors import InputError
+from distill.validation import MAX_GUIDANCE_SCALE
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description="Distil video diffusion models into few-step students.")
+    parser = Parser(prog="distill", description="Distil video diffusion models into few-step students.")
     # The deepspeed launcher passes --local_rank before the subcommand; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a run from a YAML config")
     train.add_argument("config", help="run config (YAML)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
-    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+    _overrides(train)
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from the run's latest checkpoint, or from the one named (step-000500)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a run.output that holds an earlier run (its files are deleted once the "
+                            "models are built); without it or --resume, run.output must be empty")
     train.add_argument("--force", action="store_true",
                        help="with --resume of an older checkpoint: drop the run's newer checkpoints (refused otherwise)")
     prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
     prep.add_argument("config", help="run config (YAML): its model and data sections")
-    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(prep)
     exp = sub.add_parser("export", help="write a checkpoint's student as a stock diffusers WanPipeline folder")
-    exp.add_argument("checkpoint", help="a checkpoint folder: path or s3://bucket/run/checkpoints/step-000500")
-    exp.add_argument("out_dir")
-    exp.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// checkpoint")
+    exp.add_argument("checkpoint", help="a checkpoint folder: path or s3://bucket/run/checkpoints/step-000500 "
+                                        "(or <output>/checkpoints/latest)")
+    exp.add_argument("out_dir", help="the folder to write (new or empty, unless --overwrite)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (its files are deleted)")
+    exp.add_argument("--endpoint-url", type=endpoint_url, default=None,
+                     help="S3-compatible endpoint for an s3:// checkpoint")
     bench = sub.add_parser("bench", help="benchmark a checkpoint: latency and quality of student and teacher")
-    bench.add_argument("checkpoint", help="<output>/checkpoints/step-000500 (a path or s3:// URI)")
-    bench.add_argument("--out", default=None, help="report folder (default <output>/bench/<checkpoint>)")
-    bench.add_argument("--prompts", type=int, default=8)
-    bench.add_argument("--seeds", type=int, default=4)
-    bench.add_argument("--teacher-steps", type=int, default=50)
+    bench.add_argument("checkpoint", help="<output>/checkpoints/step-000500 or .../latest (a path or s3:// URI)")
+    bench.add_argument("--out", default=None,
+                       help="report folder (default <output>/bench/<checkpoint>); an earlier report there is replaced")
+    bench.add_argument("--prompts", type=at_least(1), default=8, help="prompts, drawn (seeded) from the run's captions")
+    bench.add_argument("--seeds", type=at_least(1), default=4, help="videos per prompt")
+    bench.add_argument("--teacher-steps", type=at_least(1), default=50,
+                       help="steps of the reference teacher (ode, with CFG)")
     bench.add_argument("--no-teacher", action="store_true",
                        help="skip the teacher's rows (another report of the same teacher, prompts and seeds has them)")
-    bench.add_argument("--teacher-guidance", type=float, default=None)
-    bench.add_argument("--real-videos", type=int, default=64)
-    bench.add_argument("--metric", action="append", default=[], metavar="NAME=PATH",
+    bench.add_argument("--teacher-guidance", type=number_in(0.0, MAX_GUIDANCE_SCALE), default=None,
+                       help="standard CFG scale of the teacher (default: the run's)")
+    bench.add_argument("--real-videos", type=at_least(0), default=64,
+                       help="real videos for the Fréchet distance and coverage")
+    bench.add_argument("--metric", type=metric_spec, action="append", default=[], metavar="NAME=PATH",
                        help="plug-in metric with local weights, e.g. clip=/models/clip (repeatable)")
-    bench.add_argument("--training-iterations", type=int, default=0, help="also measure training throughput")
-    bench.add_argument("--video-format", choices=["mp4", "gif"], default="mp4")
-    bench.add_argument("--endpoint-url", default=None)
+    bench.add_argument("--training-iterations", type=at_least(0), default=0,
+                       help="also measure training throughput over this many iterations")
+    bench.add_argument("--video-format", choices=["mp4", "gif"], default="mp4",
+                       help="format of the sampled videos kept beside the report")
+    bench.add_argument("--endpoint-url", type=endpoint_url, default=None,
+                       help="S3-compatible endpoint for an s3:// checkpoint")
     compare = sub.add_parser("compare", help="put benchmark reports side by side, with deltas and regressions")
     compare.add_argument("reports", nargs="+", help="report folders (or report.parquet files), oldest first")
-    compare.add_argument("--out", default=None)
-    compare.add_argument("--tolerance", type=float, default=0.02)
+    compare.add_argument("--out", default=None,
+                         help="folder for compare.md/.parquet/.csv; an earlier comparison there is replaced")
+    compare.add_argument("--tolerance", type=number_in(0.0), default=0.02,
+                         help="worse by more than this is a regression (absolute for fractions, else relative)")
     sub.add_parser("shapes", help="write a shapes-world data set (distill shapes OUT --count N ...; see its --help)")
-    check = sub.add_parser("check-config", help="load and check a config, print the resolved version")
+    check = sub.add_parser("check-config", help="load and check a config and the inputs it names, as train does "
+                                                "before building models; print the resolved config")
     check.add_argument("config")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(check)
     return parser
+
+
+def metric_spec(text: str) -> str:
+    """argparse type of --metric NAME=PATH: a known metric and a local weights folder."""
+    from distill.bench.quality import check_metric
+
+    try:
+        check_metric(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--metric ")) from None
+    return text
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["shapes"]:  # its own options: see distill/data/shapes.py
         from distill.data.shapes import main as shapes_main
 
-        return shapes_main(argv[1:])
+        return shapes_main(argv[1:], prog="distill shapes")
     args = _parser().parse_args(argv)
     try:
         if args.command == "export":
             from distill.config import StorageConfig
             from distill.export import export
 
-            record = export(args.checkpoint, args.out_dir, StorageConfig(endpoint_url=args.endpoint_url))
+            record = export(args.checkpoint, args.out_dir, StorageConfig(endpoint_url=args.endpoint_url),
+                            overwrite=args.overwrite)
             call = ", ".join(f"{k}={v!r}" for k, v in record["call"].items() if k != "output_type")
             load = "".join(f", {k}={v!r}" for k, v in record["load"].items())
             print(f"exported {record['role']} of {args.checkpoint} (step {record['step']}) to {args.out_dir}; "
@@ -105,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             from distill.config import to_dict
+            from distill.preflight import check_inputs
 
+            check_inputs(cfg)
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         if args.command == "preprocess":
@@ -118,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.force and args.resume is None:
             raise ConfigError("--force: only with --resume (it drops the checkpoints newer than the one resumed from)")
-        trainer = Trainer(cfg, resume=args.resume, force=args.force)
+        trainer = Trainer(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
         if trainer.dist.is_main and trainer.dropped:
             print(f"--force: dropped the newer checkpoints {', '.join(trainer.dropped)}", file=sys.stderr)
         history = trainer.train()

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from distill.errors import ConfigError
-from distill.strict import build_section, non_negative, positive
+from distill.locations import check_endpoint_url, check_weights_source, hub_id
+from distill.strict import build_section, check_seeds, load_yaml, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "build_config", "build_section", "load_config", "to_dict"]
 
@@ -35,7 +34,14 @@ class RunConfig:
     output: str = "runs/default"
     """Folder of the run: config, metrics, checkpoints, validation videos."""
     seed: int = 0
-    """Seed of weight init, data order, noise and timestep draws."""
+    """Seed of weight init, data order, noise and timestep draws, in [0, 2**32)."""
+
+    def validate(self, path: str) -> None:
+        check_seeds(path, "seed", [self.seed])
+
+
+MAX_FLOW_SHIFT = 20.0
+"""The largest flow shift a config takes: flow-matching video models use 3 to 17."""
 
 
 @dataclass(kw_only=True)
@@ -45,28 +51,41 @@ class ModelConfig:
     preset: str | None = None
     """In-code architecture with random weights (`tiny`, `wan2.1-1.3b`); exclusive with `path`."""
     path: str | None = None
-    """A diffusers model folder (local path or hub id) to load with `from_pretrained`."""
+    """A diffusers model folder (a local path) or a hub model written `hub:<org>/<name>`, for `from_pretrained`."""
     pixel_space: bool = False
     """Train on pixels with no VAE (the shapes world); otherwise on VAE latents."""
     flow_shift: float = 3.0
-    """Flow-matching timestep shift of the noise scheduler."""
+    """Flow-matching timestep shift of the noise scheduler, in (0, 20] (Wan uses 3 at 480p, 5 at 720p)."""
     max_text_length: int = 512
     """Token length that prompt embeddings are padded to."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass of trainable transformers."""
     init_seed: int = 0
-    """Seed of a preset's random weights: the same seed gives the same weights in every run and tool."""
+    """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
 
     def validate(self, path: str) -> None:
         if (self.preset is None) == (self.path is None):
             raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
         positive(self, path, "flow_shift", "max_text_length")
+        check_seeds(path, "init_seed", [self.init_seed])
+        if self.flow_shift > MAX_FLOW_SHIFT:
+            raise ConfigError(f"{path}.flow_shift: must be at most {MAX_FLOW_SHIFT}, got {self.flow_shift}")
+        if self.path is not None:
+            if self.path.startswith("s3://"):
+                raise ConfigError(f"{path}.path: a model is loaded from a local folder or hub:<id>, not from s3://")
+            check_weights_source(self.path, f"{path}.path")
+
+    @property
+    def pretrained(self) -> str | None:
+        """What `from_pretrained` takes: the folder, or the hub id without its `hub:`."""
+        return hub_id(self.path) or self.path
 
 
 @dataclass(kw_only=True)
 class RoleConfig:
     init_from: str | None = None
-    """Another role's name (copy its weights), a diffusers transformer folder, or unset (the model's weights)."""
+    """Another role's name (copy its weights); a diffusers transformer folder or a checkpoint (a path, or s3://);
+    `hub:<org>/<name>`; or unset (the model's weights)."""
     trainable: bool = False
     """Whether the role gets an optimizer and a DeepSpeed engine; frozen roles are eval-mode, bf16 on GPU."""
 
@@ -176,7 +195,7 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     """Validation prompts; empty = the first training prompt."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    """One video per (prompt, seed)."""
+    """One video per (prompt, seed); each in [0, 2**32)."""
     num_frames: int | None = None
     """Frames; unset = data.num_frames."""
     height: int | None = None
@@ -193,12 +212,14 @@ class ValidationConfig:
         positive(self, path, "num_frames", "height", "width", "fps")
         if not self.seeds:
             raise ConfigError(f"{path}.seeds: give at least one seed")
+        check_seeds(path, "seeds", self.seeds)
 
 
 @dataclass(kw_only=True)
 class StorageConfig:
     endpoint_url: str | None = None
-    """S3-compatible endpoint for s3:// outputs; unset = AWS. Credentials come from the standard AWS chain only."""
+    """S3-compatible endpoint for s3:// outputs (http(s)://host[:port]); unset = AWS. Credentials come from the
+    standard AWS chain only, never from this URL."""
     region: str | None = None
     """S3 region; unset = the AWS chain's."""
     local_dir: str | None = None
@@ -222,6 +243,8 @@ class StorageConfig:
         positive(self, path, "retries", "connect_timeout", "read_timeout", "multipart_threshold_mb",
                   "multipart_chunk_mb", "max_concurrency")
         non_negative(self, path, "backoff_seconds")
+        if self.endpoint_url is not None:
+            check_endpoint_url(self.endpoint_url, f"{path}.endpoint_url")
 
 
 @dataclass(kw_only=True)
@@ -253,6 +276,9 @@ class Config:
         return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
 
     def validate(self, path: str) -> None:
+        zero = self.deepspeed.get("zero_optimization", {})
+        if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_optimization: expected a mapping with stage 0, 1, 2 or 3, got {zero!r}")
         for key in ("bf16", "bfloat16", "fp16", "amp"):  # bfloat16: DeepSpeed's alias of bf16
             if key in self.deepspeed:
                 raise ConfigError(f"deepspeed.{key}: set training.mixed_precision instead (auto = bf16 on GPU, fp32 on CPU)")
@@ -289,13 +315,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         dotted, text = item.split("=", 1)
         keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"--set {item!r}: expected key.path=value with no empty key")
+        value = load_yaml(text, f"--set {dotted.strip()}")
         node = raw
         for i, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
             node = child
-        node[keys[-1]] = yaml.safe_load(text)
+        node[keys[-1]] = value
     return raw
 
 
@@ -316,21 +345,39 @@ def build_config(raw: dict) -> Config:
     cfg = build_section(Config, raw, "")
     spec = registry.get_method(cfg.method, key="method")
     cfg.method_config = build_section(spec.config_cls, method_raw, "method_config")
-    registry.model_spec(cfg.model.family, key="model.family")
+    registry.model_spec(cfg.model.family, key="model.family").check_preset(cfg.model.preset)
     spec.cls.check_config(cfg)
+    for name, role in cfg.roles.items():  # after the method's roles: a missing role is named as such first
+        if role.init_from is not None:
+            check_weights_source(role.init_from, f"roles.{name}.init_from", tuple(cfg.roles))
     return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML run config, apply `--set` overrides, and check it strictly."""
+    return build_config(apply_overrides(read_config_file(path), overrides or []))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file; a ConfigError naming the file when it is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return build_config(apply_overrides(raw or {}, overrides or []))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); give a YAML config") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    raw = load_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run:, model:, ...) at the top level, "
+                          f"got a {type(raw).__name__}")
+    return raw
 
 
 def to_dict(cfg: Config) -> dict:

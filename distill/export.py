@@ -16,21 +16,30 @@ from pathlib import Path
 
 from distill import registry
 from distill.config import StorageConfig
+from distill.errors import InputError
+from distill.outputs import check_output_folder, staged_folder
 from distill.run_layout import open_checkpoint
 from distill.validation import SamplingSpec
 
 
-def export(checkpoint: str, out_dir: str | Path, storage: StorageConfig | None = None) -> dict:
-    """Write the diffusers folder; returns the export record (also written as distill_export.json)."""
+def export(checkpoint: str, out_dir: str | Path, storage: StorageConfig | None = None, *,
+           overwrite: bool = False) -> dict:
+    """Write the diffusers folder; returns the export record (also written as distill_export.json).
+
+    The checkpoint and out_dir are checked before any model is built: out_dir must be new or empty
+    unless `overwrite`. The folder is made beside out_dir and replaces it whole once complete."""
     import torch
 
     ckpt = open_checkpoint(checkpoint, storage)
+    out_dir = check_output_folder(out_dir, overwrite=overwrite, what="export folder")
+    if ckpt.store.is_local and Path(ckpt.store.root).resolve().is_relative_to(out_dir.resolve()):
+        raise InputError(f"{out_dir}: holds the checkpoint being exported ({checkpoint}); choose another folder")
     cfg = ckpt.config
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="distill-export-") as tmp, staged_folder(out_dir) as staging:
         folder = ckpt.fetch_export(Path(tmp))  # verified (files, finite weights) before anything is built
         plugin = registry.get_model(cfg.model.family)(cfg, device=torch.device("cpu"), frozen_dtype=torch.float32)
-        record = plugin.export_pipeline(folder, Path(out_dir), SamplingSpec.from_dict(ckpt.sampling))
-    record.update(checkpoint=checkpoint, step=ckpt.step, role=ckpt.export_role, weights=ckpt.method["weights"],
-                  method=cfg.method)
-    Path(out_dir, "distill_export.json").write_text(json.dumps(record, indent=2))
+        record = plugin.export_pipeline(folder, staging, SamplingSpec.from_dict(ckpt.sampling))
+        record.update(checkpoint=checkpoint, step=ckpt.step, role=ckpt.export_role, weights=ckpt.method["weights"],
+                      method=cfg.method)
+        (staging / "distill_export.json").write_text(json.dumps(record, indent=2))
     return record

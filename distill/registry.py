@@ -32,6 +32,9 @@ class ModelSpec:
     """The ModelPlugin subclass, or "package.module:Class", imported on first `load()`."""
     num_train_timesteps: int
     """T of the family's noise schedule: what config checks of timesteps need, without loading the plugin."""
+    presets: tuple[str, ...] | None = None
+    """Names of the family's in-code presets (`model.preset`), checked when a config loads; None = the
+    plugin checks them when it is built."""
 
     def load(self) -> type:
         if isinstance(self.target, type):
@@ -41,7 +44,14 @@ class ModelSpec:
         if cls.num_train_timesteps != self.num_train_timesteps:
             raise TypeError(f"model family {self.name!r}: {self.target} has num_train_timesteps "
                             f"{cls.num_train_timesteps}, its registration says {self.num_train_timesteps}")
+        if self.presets is not None and tuple(cls.presets) != self.presets:
+            raise TypeError(f"model family {self.name!r}: {self.target} has presets {tuple(cls.presets)}, "
+                            f"its registration says {self.presets}")
         return cls
+
+    def check_preset(self, preset: str | None, key: str = "model.preset") -> None:
+        if preset is not None and self.presets is not None and preset not in self.presets:
+            raise ConfigError(f"{key}: unknown preset {preset!r} of family {self.name!r}; known: {', '.join(self.presets)}")
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -61,26 +71,28 @@ def register_method(name: str, config_cls: type):
     return wrap
 
 
-def register_model(name: str, target: str | None = None, *, num_train_timesteps: int | None = None):
+def register_model(name: str, target: str | None = None, *, num_train_timesteps: int | None = None,
+                   presets: tuple[str, ...] | None = None):
     """Make a model plugin available as `model.family: <name>`.
 
     As a class decorator (`@register_model("points")`), or as a line naming the class by path
-    (`register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000)`).
+    (`register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000, presets=(...))`).
     """
 
-    def add(spec_target: type | str, timesteps: int) -> None:
+    def add(spec_target: type | str, timesteps: int, names: tuple[str, ...] | None) -> None:
         if name in _MODELS:
             raise ValueError(f"model family {name!r} is registered twice")
-        _MODELS[name] = ModelSpec(name, spec_target, timesteps)
+        _MODELS[name] = ModelSpec(name, spec_target, timesteps, names)
 
     if target is not None:
         if num_train_timesteps is None:
             raise ValueError(f"register_model({name!r}, {target!r}): give num_train_timesteps")
-        add(target, num_train_timesteps)
+        add(target, num_train_timesteps, presets)
         return None
 
     def wrap(cls: type) -> type:
-        add(cls, cls.num_train_timesteps)
+        names = getattr(cls, "presets", None)
+        add(cls, cls.num_train_timesteps, None if names is None else tuple(names))
         return cls
 
     return wrap

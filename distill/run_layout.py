@@ -234,9 +234,9 @@ def _run_store(uri: str, storage: StorageConfig | None) -> ArtifactStore | None:
 
 
 def open_checkpoint(uri: str, storage: StorageConfig | None = None) -> Checkpoint:
-    """Open a complete checkpoint folder (`<output>/checkpoints/step-000500`, local or s3://); its config is checked
-    against the manifest."""
-    uri = uri.rstrip("/")
+    """Open a complete checkpoint folder (`<output>/checkpoints/step-000500` or `.../latest`, local or s3://);
+    its config is checked against the manifest."""
+    uri = resolve_latest(uri, storage)
     store = open_store(uri, storage)
     run = _run_store(uri, storage)
     with naming_the_newest(run, uri.split("/")[-1]):
@@ -278,20 +278,42 @@ _EXPORTS: dict[tuple, tuple[str, object]] = {}
 a run resolves its init_from sources before it builds anything, and again when it builds the roles."""
 
 
+def check_weights_folder(path: str, key: str, storage: StorageConfig | None = None) -> None:
+    """Fail naming `key` unless `path` is a local folder, a complete checkpoint, or a run's
+    `checkpoints/latest` naming one (s3:// sources must be checkpoints); nothing is downloaded."""
+    path = path.rstrip("/")
+    if not path.startswith("s3://") and not path.endswith(f"/{LATEST}"):
+        if not Path(path).is_dir():
+            raise CheckpointError(f"{key}: {path}: no such folder")
+        return
+    try:
+        path = resolve_latest(path, storage)
+    except CheckpointError as err:
+        raise CheckpointError(f"{key}: {err}") from None
+    if not open_store(path, storage).exists(MANIFEST):  # any layout: an old one's export/ serves as well
+        raise CheckpointError(f"{key}: {path}: not a complete checkpoint (no {MANIFEST})")
+
+
+def resolve_latest(path: str, storage: StorageConfig | None = None) -> str:
+    """`<output>/checkpoints/latest` as the checkpoint it names; any other path as it is."""
+    path = path.rstrip("/")
+    if not path.endswith(f"/{LATEST}"):
+        return path
+    root = path[: -len(LATEST) - 1]
+    store = open_store(root, storage)
+    if not store.exists(LATEST):
+        raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
+    name = store.get_text(LATEST).strip()
+    if not NAME.fullmatch(name):
+        raise CheckpointError(f"{path}: names {name!r}, not a checkpoint of the run")
+    return f"{root}/{name}"
+
+
 def resolve_export(path: str, storage: StorageConfig | None = None) -> str | None:
     """The export folder (holding one folder per module) of a checkpoint (`.../checkpoints/step-000500`)
     or of a run's newest one (`.../checkpoints/latest`), local or s3:// (downloaded), verified as in
     `fetch_export`; None for any other path."""
-    path = path.rstrip("/")
-    if path.endswith(f"/{LATEST}"):
-        root = path[: -len(LATEST) - 1]
-        store = open_store(root, storage)
-        if not store.exists(LATEST):
-            raise CheckpointError(f"{path}: no such file (the run has no complete checkpoint yet)")
-        name = store.get_text(LATEST).strip()
-        if not NAME.fullmatch(name):
-            raise CheckpointError(f"{path}: names {name!r}, not a checkpoint of the run")
-        path = f"{root}/{name}"
+    path = resolve_latest(path, storage)
     store = open_store(path, storage)
     if not store.exists(MANIFEST) and not store.exists(WITHDRAWN):
         return None

@@ -197,13 +197,18 @@ class S3Store(ArtifactStore):
 
     def _call(self, what: str, key: str, fn):
         """Run one request with retries and backoff; turn failures into a StorageError naming the URI."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
         from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
 
         attempts = max(1, self.cfg.retries)
         for attempt in range(attempts):
             try:
                 return fn()
+            except (NoCredentialsError, PartialCredentialsError):  # no retry brings credentials: fail at once
+                raise StorageError(
+                    f"{self.key_uri(key)}: no complete AWS credentials found for {self.endpoint}; set them in the "
+                    f"standard chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)"
+                ) from None
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 if code in ("NoSuchBucket",) or (code in ("404", "NoSuchKey") and what == "check"):

@@ -1,17 +1,22 @@
 """Strict typed sections: build keyword-only dataclasses from YAML mappings, naming the key of any error.
 
 An unknown key, a missing required key, a wrong type or a value outside a literal's choices
-raises a ConfigError naming the key path (``training.learning_rate``); after building, a
-section's own `validate(path)` checks its values. `positive` / `non_negative` serve those.
+raises a ConfigError naming the key path (``training.learning_rate``); a float key takes finite
+numbers only (no .inf or .nan). After building, a section's own `validate(path)` checks its
+values; `positive` / `non_negative` / `in_range` serve those. `load_yaml` reads YAML that
+writes no key twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
 from typing import Any, Literal
+
+import yaml
 
 from distill.errors import ConfigError
 
@@ -54,6 +59,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan would train NaN weights
+            raise ConfigError(f"{path}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -111,3 +118,61 @@ def non_negative(obj: Any, path: str, *keys: str) -> None:
         value = getattr(obj, key)
         if value is not None and not value >= 0:  # `not >=` also rejects NaN
             raise ConfigError(f"{path}.{key}: must be >= 0, got {value}")
+
+
+def check_seeds(path: str, key: str, seeds: list[int]) -> None:
+    """Seeds lie in [0, 2**32): torch's generators refuse larger ones, and derived seeds must not overflow."""
+    for seed in seeds:
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"{path}.{key}: a seed must be in [0, 2**32), got {seed}")
+
+
+def in_range(obj: Any, path: str, key: str, low: float, high: float, *, low_open: bool = False) -> None:
+    """`key` lies in [low, high] (or (low, high] with low_open); unset passes."""
+    value = getattr(obj, key)
+    above = value > low if low_open else value >= low
+    if value is not None and not (above and value <= high):  # `not` also rejects NaN
+        raise ConfigError(f"{path}.{key}: must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML read from `source` (a file, or a `--set` value); a mapping that writes a key twice is
+    an error naming the key path and both lines (PyYAML alone keeps the last one silently)."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as err:  # a character YAML does not allow (binary data)
+        raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+    loader.name = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, source: str) -> None:
+    """Walk the composed document; keys merged in with `<<` may be overridden, as YAML intends."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", source)
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = f"{path}.{key_node.value}" if path else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                where = f"on line {line}" if seen[key] == line else f"on lines {seen[key]} and {line}"
+                raise ConfigError(f"{source}: {key} is written twice, {where} (YAML would keep the last "
+                                  f"silently); keep one")
+            seen[key] = line
+            _refuse_duplicate_keys(value_node, key, source)

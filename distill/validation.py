@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 SamplerKind = Literal["sde", "ode"]
+MAX_GUIDANCE_SCALE = 30.0
+"""The largest CFG scale a config or a bench accepts: video models sample at 3 to 8, so more is a typo."""
 
 
 @dataclass(frozen=True)

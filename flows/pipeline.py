@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger
 
-from distill.config import build_section, load_config
+from distill.config import ConfigError, build_section, load_config, read_config_file
+from distill.strict import positive
 from distill.storage import open_store
 from flows.tasks import (bench, cached, check_config, compare, list_checkpoints, make_shapes, mark_latest, preprocess,
                          shards_missing, train)
@@ -29,7 +29,7 @@ class ShapesStage:
     out: str
     """Folder of the shapes-world data set (videos/ and captions.csv)."""
     count: int = 300
-    """Videos."""
+    """Videos (at least 1)."""
     num_frames: int = 5
     """Frames per video."""
     height: int = 32
@@ -38,6 +38,16 @@ class ShapesStage:
     """Width in pixels."""
     seed: int = 0
     """Seed of the world."""
+
+    def validate(self, path: str) -> None:
+        """The world's own rules (frames, size), checked with the pipeline spec rather than after the first stages."""
+        from distill.data.shapes import ShapesWorldConfig
+
+        positive(self, path, "count")
+        try:
+            ShapesWorldConfig(num_frames=self.num_frames, height=self.height, width=self.width, seed=self.seed)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
 
 @dataclass(kw_only=True)
@@ -58,6 +68,11 @@ class BenchStage:
     """Steps of the reference teacher (with CFG)."""
     training_iterations: int = 4
     """Iterations of the training-throughput measurement (0 = skip)."""
+
+    def validate(self, path: str) -> None:
+        positive(self, path, "prompts", "seeds", "teacher_steps")
+        if self.training_iterations < 0:
+            raise ConfigError(f"{path}.training_iterations: must be >= 0, got {self.training_iterations}")
 
 
 @dataclass(kw_only=True)
@@ -80,8 +95,7 @@ class PipelineConfig:
 
 
 def load_pipeline(path: str) -> PipelineConfig:
-    with open(path) as f:
-        return build_section(PipelineConfig, yaml.safe_load(f), "")
+    return build_section(PipelineConfig, read_config_file(path), "")
 
 
 @flow(name="pipeline")

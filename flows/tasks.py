@@ -98,13 +98,17 @@ def preprocess(config: str, overrides: list[str]) -> str:
 
 @task(name="make-shapes-dataset", cache_key_fn=lambda ctx, p: json.dumps(p, sort_keys=True), persist_result=True)
 def make_shapes(out: str, count: int, num_frames: int, height: int, width: int, seed: int) -> str:
-    from distill.data.shapes import ShapesWorldConfig, write_dataset
+    """The shapes data set at `out`; one made earlier (other settings, or its cached result gone) is replaced,
+    any other non-empty folder is refused."""
+    from distill.data.shapes import ShapesWorldConfig, is_shapes_dataset, write_dataset
 
-    write_dataset(out, count, ShapesWorldConfig(num_frames=num_frames, height=height, width=width, seed=seed))
+    write_dataset(out, count, ShapesWorldConfig(num_frames=num_frames, height=height, width=width, seed=seed),
+                  overwrite=is_shapes_dataset(out))
     return out
 
 
-def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: bool) -> list[str]:
+def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: bool,
+                     overwrite: bool = False) -> list[str]:
     """The deepspeed launcher over the `distill` console script, one rank per GPU (one on CPU)."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     distill = shutil.which("distill", path=os.path.dirname(sys.executable)) or "distill"
@@ -115,6 +119,8 @@ def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: b
         cmd += ["--set", item]
     if resume:
         cmd.append("--resume")
+    elif overwrite:
+        cmd.append("--overwrite")
     return cmd
 
 
@@ -123,8 +129,7 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     """Run training under the deepspeed launcher; stream its log; publish each validation as an artifact.
 
     A run that already finished with this very config is not trained again. `resume`: True continues
-    from the newest checkpoint, False refuses an output that holds checkpoints, None (automation)
-    resumes when there is one.
+    from the newest checkpoint, False refuses an output that holds anything, None: see `start_flags`.
     """
     logger = get_run_logger()
     cfg = load_config(config, overrides)
@@ -135,9 +140,9 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
         if saved == to_dict(cfg):
             logger.info(f"{cfg.run.output} finished with this config already ({latest}); not training again")
             return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
-    if resume is None:
-        resume = latest is not None
-    cmd = launcher_command(config, [*overrides, "training.progress_bar=false"], num_gpus, resume)
+    launched = [*overrides, "training.progress_bar=false"]
+    resume, overwrite = start_flags(store, load_config(config, launched), resume)
+    cmd = launcher_command(config, launched, num_gpus, resume, overwrite)
     logger.info("launching: " + " ".join(cmd))
     published: set[str] = set()
     # The launcher sets each rank's RANK / MASTER_* itself; none leak in from this process.
@@ -160,6 +165,19 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
         raise RuntimeError(f"training exited with code {code}; the newest complete checkpoint stays resumable "
                            f"(run again with resume=True)")
     return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
+
+
+def start_flags(store, cfg: Config, resume: bool | None) -> tuple[bool, bool]:
+    """(--resume, --overwrite) of a training launch into `store`, the run's output, for the config as launched.
+
+    None (automation) resumes from a checkpoint when there is one; without one, it starts over only where
+    an attempt of this very config died before its first checkpoint, so another run's files stay refused.
+    """
+    if resume is not None:
+        return resume, False
+    if latest_checkpoint(store) is not None:
+        return True, False
+    return False, store.exists("config.yaml") and yaml.safe_load(store.get_text("config.yaml")) == to_dict(cfg)
 
 
 def publish_validations(cfg: Config, store, published: set[str]) -> None:

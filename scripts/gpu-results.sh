@@ -23,7 +23,8 @@ sets=()
 for s in "$@"; do sets+=(--set "$s"); done
 distill() { python3 -m distill.cli "$@"; }
 latest() { echo "$1/checkpoints/$(cat "$1/checkpoints/latest")"; }
-resume() { [ -e "$1/checkpoints/latest" ] && echo --resume || true; }  # a stage cut off by its call goes on
+# a stage cut off by its call goes on from its checkpoint, or starts over when it had none yet
+resume() { [ -e "$1/checkpoints/latest" ] && echo --resume || echo --overwrite; }
 bench_of() { echo "$1/bench/$(cat "$1/checkpoints/latest")"; }
 quiet() { grep -v -e Warning -e warn; }
 

@@ -196,7 +196,7 @@ def test_resume_refusals_name_the_cause(run_dir):
         Trainer(tiny_config(run_dir), resume="step-000009")
     with pytest.raises(ConfigError, match="method_config.real_score_guidance_scale"):
         Trainer(tiny_config(run_dir, method_config={"real_score_guidance_scale": 2.0}), resume="latest")
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds a run \\(checkpoints/"):
         Trainer(tiny_config(run_dir))
     trainer = Trainer(tiny_config(run_dir, training={"max_steps": 3}), resume="latest")
     assert trainer.iteration == 2 and trainer.resumed_from == "step-000002"

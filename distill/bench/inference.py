@@ -26,6 +26,7 @@ from distill import registry
 from distill.bench.quality import load_metric, real_feature_set, score_videos
 from distill.config import Config, StorageConfig
 from distill.device import resolve_device
+from distill.errors import InputError
 from distill.run_layout import CheckpointError, open_checkpoint
 from distill.storage import open_store
 from distill.validation import SamplingSpec, ValidationRequest
@@ -88,15 +89,17 @@ def bench_data(cfg: Config, n_prompts: int, n_real: int, seed: int, per_prompt: 
 
             return _draw(per_item, load, n_prompts, n_real, per_prompt, rng)
     if d.videos:
-        import pandas as pd
-
-        from distill.data.preprocess import load_clip
+        from distill.data.preprocess import check_inside, load_clip, read_captions
 
         table = Path(d.videos) / d.captions_file
-        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table, keep_default_na=False)
+        frame = read_captions(table)
+        if "caption" not in frame.columns:
+            raise InputError(f"{table}: no caption column (data.videos of the checkpoint's run)")
         if "video" not in frame.columns:
             captions = sorted(set(frame["caption"]))
             return BenchData(rng.sample(captions, min(n_prompts, len(captions))))
+        for row, video in enumerate(frame["video"], start=1):
+            check_inside(str(video), f"{table}, row {row}")
         paths = [Path(d.videos) / v for v in frame["video"]]
 
         def load(i: int) -> np.ndarray:
@@ -127,6 +130,8 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
     """Rows of the inference/quality table, and the report's metadata."""
     ckpt = open_checkpoint(uri, storage)
     cfg = ckpt.config
+    # The run's data first: a data folder that is gone fails before any model is built.
+    data = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed, per_prompt=spec.seeds)
     device = resolve_device(cfg)
     sampling = SamplingSpec.from_dict(ckpt.sampling)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +151,6 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             runs.append((teacher, dataclasses.replace(reference, num_inference_steps=sampling.num_steps)))
 
     d = cfg.data
-    data = bench_data(cfg, spec.prompts, spec.real_videos, spec.seed, per_prompt=spec.seeds)
     captions, real_videos = data.captions, data.real_videos
     real_features = real_feature_set(real_videos) if len(real_videos) > 1 else None
     metrics = [load_metric(m) for m in spec.metrics]

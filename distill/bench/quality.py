@@ -16,11 +16,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 
 from distill.data.oracle import VideoReading, analyse, score_caption
 from distill.data.shapes import COLOURS, DIRECTIONS, SHAPES
+from distill.errors import InputError
 
 
 def oracle_features(reading: VideoReading) -> np.ndarray:
@@ -124,11 +126,19 @@ class ClipMetric(FeatureMetric):
 METRICS: dict[str, type[FeatureMetric]] = {"clip": ClipMetric}
 
 
-def load_metric(spec: str) -> FeatureMetric:
-    """`name=/local/weights/path`, e.g. clip=/models/clip-vit-base-patch32."""
+def check_metric(spec: str) -> tuple[str, str]:
+    """(name, weights folder) of `name=/local/weights/path`; an InputError unless both are there."""
     name, _, weights = spec.partition("=")
     if name not in METRICS or not weights:
-        raise ValueError(f"--metric {spec!r}: expected NAME=PATH with NAME one of {', '.join(METRICS)}")
+        raise InputError(f"--metric {spec!r}: expected NAME=PATH with NAME one of {', '.join(METRICS)}")
+    if not Path(weights).is_dir():
+        raise InputError(f"--metric {spec!r}: {weights}: no such folder (the {name} weights)")
+    return name, weights
+
+
+def load_metric(spec: str) -> FeatureMetric:
+    """`name=/local/weights/path`, e.g. clip=/models/clip-vit-base-patch32."""
+    name, weights = check_metric(spec)
     return METRICS[name](weights)
 
 

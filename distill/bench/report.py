@@ -14,10 +14,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from distill.errors import InputError
+from distill.outputs import check_output_folder, staged_folder
+
 QUALITY = ["adherence_colour", "adherence_shape", "adherence_direction", "adherence_all", "motion_consistency",
            "sharpness", "diversity", "coverage"]
 LOWER_IS_BETTER = {"latency_s", "denoise_s", "decode_s", "fd_oracle"}
 KEY = ["model", "sampler", "steps"]
+
+
+def is_report(folder: Path) -> bool:
+    """Whether `folder` holds a benchmark report (which a new report of the same place may replace)."""
+    return (Path(folder) / "report.md").is_file()
 
 
 def write_report(out_dir: Path, rows: list[dict], meta: dict, training: dict | None = None,
@@ -129,11 +137,10 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
     first report that has the row, and a regression flag where a later report is worse by more
     than `tolerance` (absolute for fractions in [0, 1], else relative), or, for latencies,
     `latency_tolerance` (relative: timings move by a few percent from run to run)."""
-    tables, labels = [], []
-    for path in reports:
-        path = Path(path)
-        tables.append(pd.read_parquet(path / "report.parquet" if path.is_dir() else path).set_index(KEY))
-        labels.append(str(tables[-1]["checkpoint"].iloc[0]))
+    tables = [read_report_table(Path(path)) for path in reports]
+    if out_dir is not None:
+        check_output_folder(out_dir, what="comparison folder", how="empty it", replaceable=is_comparison)
+    labels = [str(table["checkpoint"].iloc[0]) for table in tables]
     if len(set(labels)) < len(labels):  # same checkpoint names from different runs: <run>/<checkpoint>
         labels = [_run_label(Path(p), label) for p, label in zip(reports, labels)]
     metrics = [c for c in tables[0].columns if c in QUALITY or c in LOWER_IS_BETTER or c.startswith(("fd_", "clip"))]
@@ -162,13 +169,32 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
     md = "# Comparison\n\n" + _md_table(frame) + "\n## Regressions\n\n" + \
         ("".join(f"- {f}\n" for f in flags) if flags else "None beyond the tolerance.\n")
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(out_dir / "compare.parquet", index=False)
-        frame.to_csv(out_dir / "compare.csv", index=False)
-        (out_dir / "compare.md").write_text(md)
-        (out_dir / "regressions.json").write_text(json.dumps(flags, indent=2))
+        with staged_folder(out_dir) as staging:
+            frame.to_parquet(staging / "compare.parquet", index=False)
+            frame.to_csv(staging / "compare.csv", index=False)
+            (staging / "compare.md").write_text(md)
+            (staging / "regressions.json").write_text(json.dumps(flags, indent=2))
     return frame, md
+
+
+def is_comparison(folder: Path) -> bool:
+    return (Path(folder) / "compare.md").is_file()
+
+
+def read_report_table(path: Path) -> pd.DataFrame:
+    """A report's table (a report folder, or its report.parquet), indexed by (model, sampler, steps)."""
+    file = path / "report.parquet" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{path}: not a benchmark report (no {file.name})" if path.exists() else
+                         f"{path}: no such report folder or file")
+    try:
+        table = pd.read_parquet(file)
+    except Exception as err:  # pyarrow's errors have no common base below Exception
+        raise InputError(f"{file}: not a readable report table ({type(err).__name__})") from None
+    missing = [c for c in (*KEY, "checkpoint") if c not in table.columns]
+    if missing or table.empty:
+        raise InputError(f"{file}: not a benchmark report table (missing {', '.join(missing) or 'rows'})")
+    return table.set_index(KEY)
 
 
 def _run_label(path: Path, checkpoint: str) -> str:

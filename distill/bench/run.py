@@ -1,6 +1,7 @@
 """`distill bench CHECKPOINT`: the inference/quality table, optionally training throughput, into a report.
 
-The report goes to <run output>/bench/<checkpoint>/ through the run's store (or to --out).
+The report goes to <run output>/bench/<checkpoint>/ through the run's store (or to --out); a new report
+replaces an earlier one there whole.
 """
 
 from __future__ import annotations
@@ -9,34 +10,61 @@ import tempfile
 from pathlib import Path
 
 from distill.bench.inference import BenchSpec, run_bench
-from distill.bench.report import write_report
+from distill.bench.quality import check_metric
+from distill.bench.report import is_report, write_report
 from distill.config import StorageConfig
-from distill.run_layout import open_checkpoint, split_checkpoint_uri
+from distill.errors import InputError
+from distill.outputs import check_output_folder, staged_folder
+from distill.run_layout import open_checkpoint, resolve_latest, split_checkpoint_uri
 from distill.storage import open_store
 from distill.training.metrics import parse_metrics
 
 
 def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None,
                      storage: StorageConfig | None = None, training_iterations: int = 0) -> str:
-    """Benchmark one checkpoint; returns where report.md is."""
+    """Benchmark one checkpoint; returns where report.md is.
+
+    The checkpoint and the report folder are checked before any model is built. The report is made
+    aside and then replaces an earlier report there whole (a folder holding anything else is refused)."""
+    for metric in spec.metrics:
+        check_metric(metric)
+    checkpoint = resolve_latest(checkpoint, storage)
+    open_checkpoint(checkpoint, storage)  # complete, of this layout, its config valid
     root, name = split_checkpoint_uri(checkpoint)
     target = out or (f"{root}/bench/{name}" if root else None)
     if target is None:
-        raise ValueError(f"{checkpoint}: not under <output>/checkpoints/; pass --out")
+        raise InputError(f"{checkpoint}: not under <output>/checkpoints/, so the report has no default place; "
+                         f"pass --out")
     store = open_store(target, storage)
-    local = Path(store.root) if store.is_local else Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    rows, meta = run_bench(checkpoint, spec, local, storage)
-    training = measure_training(checkpoint, training_iterations, storage) if training_iterations else None
-    history = None
-    if root:
-        run_store = open_store(root, storage)
-        if run_store.exists("metrics.jsonl"):
-            history = parse_metrics(run_store.get_text("metrics.jsonl"))
-    report = write_report(local, rows, meta, training, history)
-    if not store.is_local:
-        store.upload_folder(local, "", last="report.md")
-        return store.key_uri("report.md")
-    return str(report)
+
+    def bench_into(local: Path) -> Path:
+        rows, meta = run_bench(checkpoint, spec, local, storage)
+        training = measure_training(checkpoint, training_iterations, storage) if training_iterations else None
+        return write_report(local, rows, meta, training, run_history(root, storage))
+
+    if store.is_local:
+        check_output_folder(store.root, what="report folder", how="empty it", replaceable=is_report)
+        with staged_folder(store.root) as local:
+            bench_into(local)
+        return str(Path(store.root) / "report.md")
+    if store.list() and not store.exists("report.md"):
+        raise InputError(f"{store.uri}: the report folder holds files that are not a report; choose another --out")
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
+        bench_into(Path(tmp))
+        published = set(store.upload_folder(Path(tmp), "", last="report.md"))
+    for stale in sorted(set(store.list()) - published):  # files of an earlier report that this one has not
+        store.delete(stale)
+    return store.key_uri("report.md")
+
+
+def run_history(root: str, storage: StorageConfig | None) -> list[dict] | None:
+    """The run's metrics.jsonl rows (training curves of the report), when the run folder is known."""
+    if not root:
+        return None
+    run_store = open_store(root, storage)
+    if not run_store.exists("metrics.jsonl"):
+        return None
+    return parse_metrics(run_store.get_text("metrics.jsonl"))
 
 
 def measure_training(checkpoint: str, iterations: int, storage: StorageConfig | None) -> dict:

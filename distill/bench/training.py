@@ -136,19 +136,23 @@ def throughput_trainer(cfg):
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m distill.bench.training CONFIG`: throughput of a run config (fresh weights), as JSON."""
-    import argparse
     import json
 
-    from distill.config import load_config
+    from distill.arguments import Parser, at_least
+    from distill.config import ConfigError, load_config
+    from distill.errors import InputError
 
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--iterations", type=int, default=20)
+    p = Parser(prog="python -m distill.bench.training", description=main.__doc__)
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--iterations", type=at_least(1), default=20, help="timed iterations (after 2 warm-up ones)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 iterations")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the figures, per iteration, to this file")
     args = p.parse_args(argv)
-    trainer = throughput_trainer(load_config(args.config, args.set))
+    try:
+        trainer = throughput_trainer(load_config(args.config, args.set))
+    except InputError as err:
+        p.exit(2, f"{p.prog}: {'config' if isinstance(err, ConfigError) else 'input'} error: {err}\n")
     result = measure(trainer, iterations=args.iterations)
     summary = {k: v for k, v in result.items() if k != "rows"}
     print(json.dumps(summary, indent=1))

@@ -52,13 +52,9 @@ def read_items(cfg: Config) -> list[Item]:
             raise InputError("data.prompts: the data set is empty")
         return [Item(None, p) for p in d.prompts]
 
-    import pandas as pd
-
     folder = Path(d.videos)
     table = folder / d.captions_file
-    if not table.is_file():
-        raise InputError(f"{table}: captions table not found (data.videos + data.captions_file)")
-    frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table, keep_default_na=False)
+    frame = read_captions(table)
     needed = ["caption"] if d.prompt_only else ["video", "caption"]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -66,9 +62,11 @@ def read_items(cfg: Config) -> list[Item]:
     if len(frame) == 0:
         raise InputError(f"{table}: the data set is empty (no rows)")
     items = []
-    for row in frame.itertuples(index=False):
+    for number, row in enumerate(frame.itertuples(index=False), start=1):
         video = str(row.video) if "video" in frame.columns else None
         caption = row.caption if isinstance(row.caption, str) else ""
+        if video is not None and not d.prompt_only:
+            check_inside(video, f"{table}, row {number}")
         if not caption.strip():
             raise InputError(f"{folder / video if video else table}: video without a caption in {table}")
         if not d.prompt_only and not (folder / video).is_file():
@@ -80,6 +78,34 @@ def read_items(cfg: Config) -> list[Item]:
             if path.suffix.lower() in VIDEO_SUFFIXES and str(path.resolve()) not in listed:
                 raise InputError(f"{path}: video without a caption (not listed in {table})")
     return items
+
+
+def read_captions(table: Path):
+    """The captions table (CSV or parquet) as a DataFrame; an InputError naming the file when it is not one."""
+    import pandas as pd
+
+    if not table.is_file():
+        raise InputError(f"{table}: captions table not found (data.videos + data.captions_file)")
+    try:
+        if table.suffix == ".parquet":
+            return pd.read_parquet(table)
+        return pd.read_csv(table, keep_default_na=False, dtype=str)
+    except UnicodeDecodeError:
+        raise InputError(f"{table}: not a text CSV file (not UTF-8)") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{table}: the captions table is empty (no header row video,caption)") from None
+    except Exception as err:  # pandas' parser and pyarrow errors share no base below Exception
+        reason = " ".join(str(err).split())[:200]
+        raise InputError(f"{table}: not a readable captions table ({type(err).__name__}: {reason})") from None
+
+
+def check_inside(video: str, where: str) -> None:
+    """A video path is relative to the data folder and stays inside it (no absolute path, no `..`)."""
+    if not video.strip():
+        raise InputError(f"{where}: empty video path")
+    if Path(video).is_absolute() or ".." in Path(video).parts:
+        raise InputError(f"{where}: video path {video!r} leaves the data folder; give a path relative to it, "
+                         f"without '..'")
 
 
 def load_clip(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
@@ -132,6 +158,8 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
     if not d.shards:
         raise ConfigError("data.shards: set the folder that preprocessing writes")
     store = open_store(d.shards, cfg.storage)
+    if store.is_local and Path(store.root).exists() and not Path(store.root).is_dir():
+        raise ConfigError(f"data.shards: {store.root} is a file; shards go into a folder")
     store.check()
     # 1. Inputs, checked.
     items = read_items(cfg)

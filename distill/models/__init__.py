@@ -6,4 +6,5 @@ when a plugin is built, never when a config is loaded.
 
 from distill.registry import register_model
 
-register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000)
+register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000,
+               presets=("tiny", "small", "shapes", "wan2.1-1.3b"))

@@ -23,6 +23,7 @@ from torch import nn
 
 from distill.adapter import Batch, LatentsSource
 from distill.config import Config
+from distill.locations import hub_id
 from distill.errors import ConfigError
 from distill.roles import RoleHandle, RoleManager
 from distill.run_layout import resolve_export
@@ -79,6 +80,8 @@ class ModelPlugin(ABC):
                 modules[name] = self.new_denoiser()
             elif source in roles:
                 modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
+            elif hub_id(source) is not None:
+                modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
             else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoiser
                 export = resolve_export(source, self.cfg.storage)
                 path = str(Path(export) / self.denoiser_key) if export else source

@@ -1,6 +1,6 @@
 """Wan 2.1 / 2.2 through diffusers: WanTransformer3DModel, AutoencoderKLWan (or pixels), UMT5.
 
-Weights come from a diffusers model folder (`model.path`: local path or hub id) or from
+Weights come from a diffusers model folder (`model.path`: a local path or `hub:<id>`) or from
 an in-code size preset with random weights (`model.preset`: `tiny` for tests,
 `wan2.1-1.3b` for benchmarks). Pixel space (`model.pixel_space`) trains the transformer
 directly on videos in [-1, 1] with no VAE.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from distill.adapter import Batch, BatchError, LatentsSource
 from distill.config import Config
+from distill.locations import hub_id
 from distill.errors import ConfigError
 from distill.models.base import cast_frozen
 from distill.models.flow_match import FlowMatchFamily
@@ -86,12 +86,14 @@ PRESETS: dict[str, dict] = {
 class WanPlugin(FlowMatchFamily):
     """Builds Wan roles and serves the step-time primitives (flow matching: see FlowMatchFamily)."""
 
+    presets = tuple(PRESETS)
+
     def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
         super().__init__(cfg, device=device, frozen_dtype=frozen_dtype)
         m = cfg.model
         if m.preset is not None and m.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
-        if m.path is not None and os.path.sep in m.path and not Path(m.path).is_dir():
+        if m.path is not None and hub_id(m.path) is None and not Path(m.path).is_dir():
             raise ConfigError(f"model.path: {m.path} is not a folder")
         self.vae = None if m.pixel_space else self._frozen(self._load_vae())
         self.tokenizer = self._load_tokenizer()
@@ -124,18 +126,18 @@ class WanPlugin(FlowMatchFamily):
             return WanTransformer3DModel(**self._preset("transformer"), in_channels=channels, out_channels=channels)
 
     def load_denoiser(self, path: str, key: str) -> WanTransformer3DModel:
+        if hub_id(path) is not None:
+            return WanTransformer3DModel.from_pretrained(hub_id(path), subfolder="transformer", torch_dtype=torch.float32)
         folder = Path(path)
         if (folder / "transformer" / "config.json").is_file():
             return WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32)
         if (folder / "config.json").is_file():
             return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32)
-        if not folder.exists() and os.path.sep not in path:  # a hub id
-            return WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32)
         raise ConfigError(f"{key}: {path} holds no transformer (no config.json in it or in its transformer/)")
 
     def _load_vae(self) -> AutoencoderKLWan:
         if self.cfg.model.path is not None:
-            return AutoencoderKLWan.from_pretrained(self.cfg.model.path, subfolder="vae", torch_dtype=torch.float32)
+            return AutoencoderKLWan.from_pretrained(self.cfg.model.pretrained, subfolder="vae", torch_dtype=torch.float32)
         with self._preset_seed("vae"):
             return AutoencoderKLWan(**self._preset("vae"))
 
@@ -143,7 +145,7 @@ class WanPlugin(FlowMatchFamily):
         if self.cfg.model.path is not None:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(self.cfg.model.path, subfolder="tokenizer")
+            return AutoTokenizer.from_pretrained(self.cfg.model.pretrained, subfolder="tokenizer")
         from transformers import ByT5Tokenizer  # needs no files; presets have random weights anyway
 
         return ByT5Tokenizer()
@@ -154,7 +156,7 @@ class WanPlugin(FlowMatchFamily):
             from transformers import UMT5Config, UMT5EncoderModel
 
             if self.cfg.model.path is not None:
-                encoder = UMT5EncoderModel.from_pretrained(self.cfg.model.path, subfolder="text_encoder")
+                encoder = UMT5EncoderModel.from_pretrained(self.cfg.model.pretrained, subfolder="text_encoder")
             else:
                 with self._preset_seed("text_encoder"):
                     encoder = UMT5EncoderModel(UMT5Config(**self._preset("text_encoder")))

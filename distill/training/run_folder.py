@@ -7,9 +7,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distill.config import Config
+from distill.config import Config, ConfigError
 from distill.errors import InputError
 from distill.storage import ArtifactStore, open_store
+
+SHARD_CACHE = "shard-cache"
+"""Where remote shards are cached in the working folder: a cache, not a product of the run."""
 
 
 class RunFolder:
@@ -50,6 +53,35 @@ class RunFolder:
             with contextlib.suppress(InputError):  # the store may be what failed: then only these are lost
                 self.sync(rel)
         shutil.rmtree(self.local, ignore_errors=True)
+
+    def leftovers(self) -> list[str]:
+        """Files an earlier run left (in the store, and in a separate working folder), the shard cache aside:
+        a fresh run among them would mix its metrics, events and checkpoints with theirs."""
+        keys = set(self.store.list())
+        if not self.store.is_local:
+            keys |= {p.relative_to(self.local).as_posix() for p in self.local.rglob("*") if p.is_file()}
+        return sorted(k for k in keys if not k.startswith(f"{SHARD_CACHE}/"))
+
+    def refuse_leftovers(self) -> None:
+        """A fresh run (neither --resume nor --overwrite) starts in an empty folder only."""
+        keys = self.leftovers()
+        if keys:
+            names = sorted({k.split("/")[0] + ("/" if "/" in k else "") for k in keys})
+            raise ConfigError(f"run.output: {self.store.uri} already holds a run ({', '.join(names[:6])}"
+                              f"{', ...' if len(names) > 6 else ''}); continue it with --resume, start it over "
+                              f"with --overwrite (deletes those files), or choose another run.output")
+
+    def clear(self) -> None:
+        """Delete an earlier run's files (--overwrite), the shard cache aside; called once models are built."""
+        for top in sorted({k.split("/")[0] for k in self.leftovers()}):
+            self.store.delete(top)
+            if self.store.is_local:
+                continue
+            path = self.local / top
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def sync(self, rel: str) -> None:
         if self.store.is_local:

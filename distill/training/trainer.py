@@ -1,12 +1,13 @@
 """The training loop: infra only. Any registered method, any registered model plugin.
 
-Build order (cheap checks first): device and process group → run folder and its store
-(reachable, and a checkpoint to resume from, its files verified, or none to overwrite; the
-checkpoints that `init_from` names, verified) → model plugin (scheduler, VAE, tokenizer) → data
-fields vs. what the method needs, every shard's checksum → roles → method (optimizers) → one
-DeepSpeed engine per trainable role → resume. A start that fails removes the folders it made.
-Then `train()` runs iterations, logs metrics, samples validation videos every `validation.every`
-iterations and saves checkpoints every `training.checkpoint_every` iterations, both also at the end.
+Build order (cheap checks first): the inputs (`distill.preflight`: weights sources, data, the
+output's store, device) → run folder (empty, unless --resume or --overwrite) → process group →
+a checkpoint to resume from, its files verified (the checkpoints that `init_from` names, verified
+too) → model plugin (scheduler, VAE, tokenizer) → data fields vs. what the method needs, every
+shard's checksum → roles → method (optimizers) → one DeepSpeed engine per trainable role →
+resume. A start that fails removes the folders it made. Then `train()` runs iterations, logs
+metrics, samples validation videos every `validation.every` iterations and saves checkpoints
+every `training.checkpoint_every` iterations, both also at the end.
 
 Nothing non-finite is published: a loss or gradient that is not finite stops the run before its
 optimizer step, weights are checked after each iteration and before each save, and a checkpoint
@@ -29,27 +30,35 @@ from distill.data.shards import ShardDataset, ShardError
 from distill.device import resolve_device
 from distill.errors import NonFiniteError
 from distill.finite import described, nonfinite_names
+from distill.preflight import check_inputs, check_overwrite
 from distill.run_layout import CheckpointError, resolve_export, step_of
 from distill.storage import open_store
 from distill.training.checkpoint import CheckpointContents, CheckpointManager, RNGState
 from distill.training.distributed import all_reduce_mean, init_distributed, ranks_where
 from distill.training.engines import wrap_in_engines
 from distill.training.metrics import MetricsLog, truncate_metrics
-from distill.training.run_folder import RunFolder
+from distill.training.run_folder import SHARD_CACHE, RunFolder
 from distill.video import check_video_format
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dataset=None, resume: str | None = None, force: bool = False):
-        """`resume`: "latest" or a checkpoint name of this run; `force`: drop the run's checkpoints newer than it."""
+    def __init__(self, cfg: Config, dataset=None, resume: str | None = None, force: bool = False,
+                 overwrite: bool = False):
+        """`resume`: "latest" or a checkpoint name of this run; `force`: drop the run's checkpoints newer than it;
+        `overwrite`: a fresh run may replace an earlier run's files in run.output (deleted once the models are
+        built). Without `resume` or `overwrite`, run.output must be empty."""
         self.cfg = cfg
+        self.overwrite = overwrite
+        check_inputs(cfg, data=dataset is None)
         self.device = resolve_device(cfg)
         precision = cfg.training.mixed_precision
-        if precision == "bf16" and self.device.type == "cpu":
-            raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.folder = RunFolder(cfg)  # its store answered in check_inputs
+        if resume is None and overwrite:
+            check_overwrite(cfg)  # --overwrite deletes run.output's files: none may be an input
+        elif resume is None:
+            self.folder.refuse_leftovers()
         self.dist = init_distributed(self.device.type)
-        self.folder = RunFolder(cfg)
         self.run_dir = self.folder.local
         with self.folder.removed_on_error():
             resume = self.open_run(resume, force)
@@ -71,9 +80,6 @@ class Trainer:
                     f"--resume {resume}: the run has newer checkpoints ({', '.join(self.dropped)}) that resuming from "
                     f"{resume} would drop, with the metrics.jsonl rows after step {step_of(resume)}; resume from "
                     f"{self.dropped[-1]}, or pass --force to drop them")
-        elif self.checkpoints.list()[0]:
-            raise ConfigError(f"run.output: {self.folder.store.key_uri('checkpoints')} already holds checkpoints; "
-                              f"resume with --resume, or choose another run.output")
         for name, role in self.cfg.roles.items():
             if role.init_from and role.init_from not in self.cfg.roles:
                 try:
@@ -118,6 +124,8 @@ class Trainer:
             if self.dist.is_main and self.folder.fetch("metrics.jsonl"):
                 truncate_metrics(self.run_dir, self.iteration)  # drop steps the dead run logged after its checkpoint
         self.saved_at = self.iteration
+        if self.overwrite and resume is None and self.dist.is_main:
+            self.folder.clear()  # only now: a config that fails to build leaves the earlier run as it was
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main, purge_step=self.iteration + 1)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
@@ -132,7 +140,7 @@ class Trainer:
                                 video={"num_frames": d.num_frames, "height": d.height, "width": d.width},
                                 negative_prompt=d.negative_prompt,
                                 with_latents=method_cls.latents_source(self.cfg.method_config) == "data",
-                                cache_dir=self.run_dir / "shard-cache" / f"rank-{self.dist.rank:05d}")
+                                cache_dir=self.run_dir / SHARD_CACHE / f"rank-{self.dist.rank:05d}")
         if d.prompts:
             return PromptDataset(d.prompts)
         raise ConfigError(f"data.videos ({d.videos}) must be preprocessed first: `distill preprocess CONFIG` "

@@ -28,7 +28,8 @@ from distill.methods.distribution_matching.gan import GANHead, critic_gan_loss, 
 from distill.methods.ema import EMA
 from distill.registry import register_method
 from distill.roles import RoleHandle
-from distill.validation import SamplingSpec
+from distill.strict import in_range
+from distill.validation import MAX_GUIDANCE_SCALE, SamplingSpec
 
 if TYPE_CHECKING:
     from distill.config import Config
@@ -39,19 +40,19 @@ class DMD2Config:
     rollout_mode: Literal["simulate", "data_latent"] = "simulate"
     """simulate: roll the student out from pure noise (prompts only); data_latent: noise data latents."""
     dmd_denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    """The student's timesteps, noisiest first; the student samples in len(steps) steps."""
+    """The student's timesteps, noisiest first, each in [0, T] (T = 1000 for Wan); the student samples in len(steps) steps."""
     warp_denoising_step: bool = False
     """Map each step s to the shifted training schedule: noise_scheduler.timesteps[T − s]."""
     generator_update_interval: int = 5
     """Update the student every this many iterations; the critic updates every iteration."""
     real_score_guidance_scale: float = 3.5
-    """CFG scale of the teacher's (real) score, in the convention below."""
+    """CFG scale of the teacher's (real) score, in the convention below; in [0, 30] (video models use 3 to 8)."""
     cfg_convention: Literal["standard", "cond_plus"] = "standard"
     """standard: uncond + w (cond − uncond); cond_plus: cond + w (cond − uncond) = standard w + 1."""
     min_timestep_ratio: float = 0.02
-    """Lower bound of the DMD / critic timestep, as a fraction of T."""
+    """Lower bound of the DMD / critic timestep, as a fraction of T, in [0, 1]."""
     max_timestep_ratio: float = 0.98
-    """Upper bound of the DMD / critic timestep, as a fraction of T."""
+    """Upper bound of the DMD / critic timestep, as a fraction of T, in [0, 1] and not below the lower bound."""
     ema_decay: float = 0.0
     """EMA of the student, updated after each student update (0 = off); checkpoints, validation, bench and
     export then use the averaged weights."""
@@ -86,8 +87,7 @@ class DMD2Config:
                 f"{path}.min_timestep_ratio ({self.min_timestep_ratio}) must not exceed "
                 f"{path}.max_timestep_ratio ({self.max_timestep_ratio})"
             )
-        if not self.real_score_guidance_scale >= 0:  # also rejects NaN
-            raise ConfigError(f"{path}.real_score_guidance_scale: must be >= 0, got {self.real_score_guidance_scale}")
+        in_range(self, path, "real_score_guidance_scale", 0.0, MAX_GUIDANCE_SCALE)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{path}.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.ema_start_step < 0:

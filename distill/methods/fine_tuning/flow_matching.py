@@ -19,7 +19,8 @@ from distill.errors import ConfigError
 from distill.methods.base import DistillMethod, check_finite, make_optimizer, optimizer_settings
 from distill.registry import register_method
 from distill.roles import RoleHandle
-from distill.validation import SamplingSpec
+from distill.strict import in_range
+from distill.validation import MAX_GUIDANCE_SCALE, SamplingSpec
 
 
 @dataclass(kw_only=True)
@@ -31,15 +32,16 @@ class FlowMatchingConfig:
     validation_sampler: Literal["ode", "sde"] = "ode"
     """Sampler of validation videos."""
     validation_steps: int = 50
-    """Steps of validation sampling (the scheduler's schedule with the flow shift)."""
+    """Steps of validation sampling (the scheduler's schedule with the flow shift), in [1, T]."""
     validation_guidance_scale: float = 5.0
-    """Standard CFG scale of validation sampling."""
+    """Standard CFG scale of validation sampling, in [0, 30]."""
 
     def validate(self, path: str) -> None:
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ConfigError(f"{path}.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
         if self.validation_steps < 1:
             raise ConfigError(f"{path}.validation_steps: must be >= 1, got {self.validation_steps}")
+        in_range(self, path, "validation_guidance_scale", 0.0, MAX_GUIDANCE_SCALE)
 
 
 class FlowMatchingAdapter(Protocol):
