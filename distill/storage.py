@@ -22,7 +22,14 @@ from distill.errors import InputError
 
 
 class StorageError(InputError):
-    """A store cannot be reached or refuses a request; the message names the URI, never credentials."""
+    """A store cannot be reached or refuses a request; the message names the URI, never credentials.
+
+    `transient`: the request failed on every attempt for a reason that may pass (network, server errors),
+    so a caller may try again later; a refusal (no credentials, access denied, not found) is not."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def sha256_of(path: Path) -> str:
@@ -225,7 +232,8 @@ class S3Store(ArtifactStore):
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             if attempt + 1 < attempts:
                 time.sleep(self.cfg.backoff_seconds * 2**attempt)
-        raise StorageError(f"{self.key_uri(key)}: {what} failed after {attempts} attempts at {self.endpoint} ({reason})")
+        raise StorageError(f"{self.key_uri(key)}: {what} failed after {attempts} attempts at {self.endpoint} ({reason})",
+                           transient=True)
 
     def check(self) -> None:
         self._call("check", "", lambda: self.client.head_bucket(Bucket=self.bucket))

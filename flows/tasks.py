@@ -27,11 +27,27 @@ from prefect.exceptions import ObjectNotFound
 
 from distill import registry
 from distill.config import Config, ConfigError, StorageConfig, load_config, to_dict
-from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint
-from distill.storage import open_store
+from distill.errors import InputError
+from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint, open_checkpoint
+from distill.storage import StorageError, open_store
 from distill.training.metrics import parse_metrics
 
-STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
+
+
+def retry_on_io(task, task_run, state) -> bool:
+    """Retry what may pass (a store unreachable, the network); never bad input (config, checkpoint, report)."""
+    try:
+        state.result()
+    except StorageError as err:
+        return err.transient
+    except InputError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_on_io)
 GPU_JOBS_PER_HOST = 1
 GPU_LEASE_SECONDS = 60
 
@@ -218,6 +234,18 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
 def _artifact_key(text: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+@task(name="check-checkpoints")
+def check_checkpoints(checkpoints: list[str], storage: dict | None = None) -> list[str]:
+    """Each checkpoint complete, `.../checkpoints/latest` as the one it names: a bad one fails here, before
+    any benchmark."""
+    cfg = StorageConfig(**(storage or {}))
+    try:
+        return [open_checkpoint(c, cfg).uri for c in checkpoints]
+    except InputError as err:
+        get_run_logger().error(f"checkpoint error: {err}")
+        raise
 
 
 @task(name="bench-checkpoint")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -60,18 +61,20 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def prefect(env: dict, *args: str) -> str:
+def prefect(env: dict, *args: str, ok: bool = True) -> str:
+    """The prefect CLI from the repository root; its output. ok=False: it must fail (output and errors)."""
     proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout if ok else proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
 def worker(server, tmp_path_factory, s3_server):
     """Deployments from deploy/prefect.yaml and a process worker; storage credentials in its environment."""
     prefect(server, "work-pool", "create", "distill-process", "--type", "process")
-    prefect(server, "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "pipeline", "--name", "train")
+    prefect(server, "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "pipeline", "--name", "train",
+            "--name", "bench", "--name", "compare")
     logs = tmp_path_factory.mktemp("worker")
     env = {**server, "DISTILL_HOME": str(ROOT), "OMP_NUM_THREADS": "1", "AWS_ACCESS_KEY_ID": s3_server.key_id,
            "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_DEFAULT_REGION": "us-east-1"}
@@ -109,14 +112,22 @@ def task_names(runs: list[dict]) -> list[str]:
     return [t["name"].rsplit("-", 1)[0] for t in runs]
 
 
-def task_runs(env: dict, run_id: str) -> list[dict]:
+def api(env: dict, path: str, body: dict) -> list[dict]:
+    """POST a filter to the server's REST API."""
     import urllib.request
 
-    body = json.dumps({"flow_runs": {"id": {"any_": [run_id]}}}).encode()
-    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/task_runs/filter", data=body,
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read())
+
+
+def task_runs(env: dict, run_id: str) -> list[dict]:
+    return api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+
+
+def artifacts(env: dict, run_id: str) -> list[dict]:
+    return api(env, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
 
 
 def finished(env: dict, run_id: str, timeout: float = 600) -> dict:
@@ -130,8 +141,11 @@ def write(path: Path, data: dict) -> str:
     return str(path)
 
 
-def test_deployed_pipeline_completes_with_artifacts_in_s3(worker, s3_server, tmp_path):
+@pytest.fixture(scope="module")
+def pipeline_run(worker, s3_server, tmp_path_factory):
+    """One run of the `pipeline` deployment over S3: shapes, a tiny teacher, a DMD2 student, benches, comparison."""
     env, log = worker
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     bucket = f"s3://{s3_server.bucket}/deploy-{os.getpid()}"
     storage = {"endpoint_url": s3_server.endpoint, "retries": 2, "backoff_seconds": 0.1}
     data = {**SIZE, "videos": str(tmp_path / "shapes"), "shards": f"{bucket}/shards", "shard_size": 8}
@@ -148,10 +162,13 @@ def test_deployed_pipeline_completes_with_artifacts_in_s3(worker, s3_server, tmp
         "teacher": {"config": write(tmp_path / "teacher.yaml", teacher)},
         "student": {"config": write(tmp_path / "student.yaml", student)},
         "bench": {"prompts": 2, "seeds": 1, "teacher_steps": 3, "training_iterations": 0}})
-
     run_id = run(env, "pipeline/pipeline", {"spec": spec})
-    state = finished(env, run_id)
-    assert state["state_type"] == "COMPLETED", log.read_text()[-4000:]
+    return SimpleNamespace(env=env, log=log, id=run_id, state=finished(env, run_id), bucket=bucket, storage=storage)
+
+
+def test_deployed_pipeline_completes_with_artifacts_in_s3(pipeline_run, s3_server):
+    env, run_id, bucket, state = pipeline_run.env, pipeline_run.id, pipeline_run.bucket, pipeline_run.state
+    assert state["state_type"] == "COMPLETED", pipeline_run.log.read_text()[-4000:]
     params = json.dumps(state["parameters"])
     assert s3_server.secret not in params and s3_server.key_id not in params  # credentials never parameters
 
@@ -166,6 +183,28 @@ def test_deployed_pipeline_completes_with_artifacts_in_s3(worker, s3_server, tmp
         assert key in keys, key
     names = task_names(task_runs(env, run_id))
     assert names.count("train") == 2 and names.count("bench-checkpoint") == 2 and "compare-reports" in names
+
+
+def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline_run, tmp_path):
+    """`checkpoints/latest` is benchmarked as the checkpoint it names; an empty or wrong parameter fails at once."""
+    env, bucket, storage = pipeline_run.env, pipeline_run.bucket, pipeline_run.storage
+    small = {"prompts": 2, "seeds": 1, "teacher_steps": 3, "storage": storage}
+    bench_id = run(env, "bench/bench", {"checkpoints": [f"{bucket}/student/checkpoints/latest"], **small})
+    missing = run(env, "bench/bench", {"checkpoints": [f"{bucket}/student/checkpoints/step-000003"], **small})
+    no_report = run(env, "compare/compare", {"reports": [f"{bucket}/student/bench/none"],
+                                             "out": str(tmp_path / "compare"), "storage": storage})
+    refused = prefect(env, "deployment", "run", "compare/compare", "--param", "reports=[]", ok=False)
+    assert "reports" in refused and "should be non-empty" in refused, refused
+
+    state = finished(env, bench_id)
+    assert state["state_type"] == "COMPLETED", state["state"]["message"]
+    assert [a["key"] for a in artifacts(env, bench_id)] == ["bench-step-000004"]
+    for run_id, task, cause in ((missing, "check-checkpoints", "step-000003"),
+                                (no_report, "compare-reports", "bench/none/report.parquet: not found")):
+        state = finished(env, run_id)
+        assert state["state_type"] == "FAILED" and cause in state["state"]["message"], state["state"]
+        tasks = task_runs(env, run_id)
+        assert task_names(tasks) == [task] and tasks[0]["run_count"] == 1  # not retried: it cannot change
 
 
 def test_deployed_train_with_a_bad_config_fails_in_its_first_task(worker, tmp_path):
@@ -212,3 +251,16 @@ def test_a_job_killed_mid_run_is_crashed_and_resumes_from_its_checkpoint(worker,
     resumed = run(env, "train/train", {"config": config, "resume": True})
     assert finished(env, resumed)["state_type"] == "COMPLETED"
     assert (out / "checkpoints" / "latest").read_text() == f"step-{raw['training']['max_steps']:06d}"
+
+
+def test_flow_defaults_name_what_the_demo_pipeline_writes():
+    """The `bench` deployment's default is the demo student's `latest`; `compare` has no empty default."""
+    from distill.config import load_config
+    from flows.pipeline import load_pipeline
+
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]}
+    demo = load_pipeline(str(ROOT / deployments["pipeline"]["parameters"]["spec"]))
+    output = load_config(str(ROOT / demo.student.config)).run.output
+    assert deployments["bench"]["parameters"]["checkpoints"] == [f"{output}/checkpoints/latest"]
+    assert deployments["compare"]["parameters"]["out"] == f"{output}/bench/compare"
+    assert "reports" not in deployments["compare"]["parameters"]  # required: the server refuses a run without

@@ -137,6 +137,8 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
     first report that has the row, and a regression flag where a later report is worse by more
     than `tolerance` (absolute for fractions in [0, 1], else relative), or, for latencies,
     `latency_tolerance` (relative: timings move by a few percent from run to run)."""
+    if not reports:
+        raise InputError("compare: no reports given; pass at least one report folder")
     tables = [read_report_table(Path(path)) for path in reports]
     if out_dir is not None:
         check_output_folder(out_dir, what="comparison folder", how="empty it", replaceable=is_comparison)
