@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -69,27 +70,35 @@ def prefect(env: dict, *args: str, ok: bool = True) -> str:
     return proc.stdout if ok else proc.stdout + proc.stderr
 
 
+@contextlib.contextmanager
+def process_worker(env: dict, pool: str, cwd: Path):
+    """`prefect worker start --pool POOL` in `cwd` (its log there) until the block ends."""
+    log = open(cwd / "worker.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env=env, cwd=cwd,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield cwd / "worker.log"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # a worker ignores a lone SIGTERM while it runs: follow with SIGINT
+        time.sleep(3)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def worker(server, tmp_path_factory, s3_server):
     """Deployments from deploy/prefect.yaml and a process worker; storage credentials in its environment."""
     prefect(server, "work-pool", "create", "distill-process", "--type", "process")
     prefect(server, "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "pipeline", "--name", "train",
             "--name", "bench", "--name", "compare")
-    logs = tmp_path_factory.mktemp("worker")
     env = {**server, "DISTILL_HOME": str(ROOT), "OMP_NUM_THREADS": "1", "AWS_ACCESS_KEY_ID": s3_server.key_id,
            "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_DEFAULT_REGION": "us-east-1"}
-    log = open(logs / "worker.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "distill-process"], env=env, cwd=logs,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    yield server, logs / "worker.log"
-    os.killpg(proc.pid, signal.SIGTERM)  # a worker ignores a lone SIGTERM while it runs: follow with SIGINT
-    time.sleep(3)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with process_worker(env, "distill-process", tmp_path_factory.mktemp("worker")) as log:
+        yield server, log
 
 
 def run(env: dict, deployment: str, parameters: dict) -> str:
@@ -124,6 +133,10 @@ def api(env: dict, path: str, body: dict) -> list[dict]:
 
 def task_runs(env: dict, run_id: str) -> list[dict]:
     return api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+
+
+def logs(env: dict, run_id: str) -> str:
+    return "\n".join(r["message"] for r in api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}}))
 
 
 def artifacts(env: dict, run_id: str) -> list[dict]:
@@ -205,6 +218,25 @@ def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline
         assert state["state_type"] == "FAILED" and cause in state["state"]["message"], state["state"]
         tasks = task_runs(env, run_id)
         assert task_names(tasks) == [task] and tasks[0]["run_count"] == 1  # not retried: it cannot change
+
+
+def test_a_worker_without_distill_home_fails_the_run_in_its_pull_step(worker, tmp_path):
+    """Not a checkout (DISTILL_HOME unset): the run crashes in its pull step, before any flow code; the worker's
+    output names the variable."""
+    env, _ = worker
+    deploy = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
+    deploy["deployments"] = [{**d, "name": "train-no-home", "work_pool": {**d["work_pool"], "name": "no-home"}}
+                             for d in deploy["deployments"] if d["name"] == "train"]
+    prefect(env, "work-pool", "create", "no-home", "--type", "process")
+    prefect(env, "deploy", "--prefect-file", write(tmp_path / "prefect.yaml", deploy), "--name", "train-no-home")
+    no_home = {k: v for k, v in env.items() if k != "DISTILL_HOME"}
+    with process_worker(no_home, "no-home", tmp_path) as log:
+        run_id = run(env, "train/train-no-home", {"config": "configs/demo/student.yaml"})
+        state = finished(env, run_id, timeout=120)
+    assert state["state_type"] == "CRASHED", state
+    assert "Executing deployment step: run_shell_script" in logs(env, run_id)  # the run's log: the check failed
+    assert "DISTILL_HOME=(unset) is not a distill checkout" in log.read_text()  # the worker's output: why
+    assert not task_runs(env, run_id)
 
 
 def test_deployed_train_with_a_bad_config_fails_in_its_first_task(worker, tmp_path):
