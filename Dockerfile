@@ -53,7 +53,7 @@ RUN pip install "pip>=23.1" "setuptools>=77" \
     && DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19,<0.20"
 
 WORKDIR /opt/distill
-# deploy/prefect.yaml's pull step changes into $DISTILL_HOME: here, the project in the image.
+# deploy/prefect.yaml's and gpu.yaml's pull step changes into $DISTILL_HOME: here, the project in the image.
 ENV DISTILL_HOME=/opt/distill
 
 # The project's dependencies from pyproject.toml alone: installing the project with no source

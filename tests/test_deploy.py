@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.prefect_server  # a real Prefect server and process wor
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
+README = (ROOT / "deploy" / "README.md").read_text()
+PROCESS_DEPLOYMENTS = {"pipeline", "preprocess", "train", "bench", "compare"}
 
 
 def wait_for(check, timeout: float, what: str, every: float = 0.5):
@@ -70,14 +73,21 @@ def prefect(env: dict, *args: str, ok: bool = True) -> str:
     return proc.stdout if ok else proc.stdout + proc.stderr
 
 
+def as_written(command: str) -> list[str]:
+    """The arguments after `prefect` of a command in deploy/README.md (the test follows the README literally)."""
+    assert command in README, f"deploy/README.md no longer says: {command}"
+    words = shlex.split(command)
+    return words[words.index("prefect") + 1 :]
+
+
 @contextlib.contextmanager
-def process_worker(env: dict, pool: str, cwd: Path):
-    """`prefect worker start --pool POOL` in `cwd` (its log there) until the block ends."""
-    log = open(cwd / "worker.log", "w")
+def process_worker(env: dict, pool: str, cwd: Path, logs: Path):
+    """`prefect worker start --pool POOL` in `cwd`, its log in `logs`, until the block ends."""
+    log = open(logs / "worker.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env=env, cwd=cwd,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield cwd / "worker.log"
+        yield logs / "worker.log"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # a worker ignores a lone SIGTERM while it runs: follow with SIGINT
         time.sleep(3)
@@ -91,13 +101,14 @@ def process_worker(env: dict, pool: str, cwd: Path):
 
 @pytest.fixture(scope="module")
 def worker(server, tmp_path_factory, s3_server):
-    """Deployments from deploy/prefect.yaml and a process worker; storage credentials in its environment."""
-    prefect(server, "work-pool", "create", "distill-process", "--type", "process")
-    prefect(server, "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "pipeline", "--name", "train",
-            "--name", "bench", "--name", "compare")
+    """The process set-up of deploy/README.md, as written: the pool, every process deployment, a worker run from
+    the checkout with DISTILL_HOME=$PWD; storage credentials in its environment."""
+    prefect(server, *as_written("prefect work-pool create distill-process --type process"))
+    prefect(server, *as_written("prefect deploy --prefect-file deploy/prefect.yaml --all"))
+    assert "DISTILL_HOME=$PWD prefect worker start --pool distill-process" in README
     env = {**server, "DISTILL_HOME": str(ROOT), "OMP_NUM_THREADS": "1", "AWS_ACCESS_KEY_ID": s3_server.key_id,
            "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_DEFAULT_REGION": "us-east-1"}
-    with process_worker(env, "distill-process", tmp_path_factory.mktemp("worker")) as log:
+    with process_worker(env, "distill-process", ROOT, tmp_path_factory.mktemp("worker")) as log:
         yield server, log
 
 
@@ -220,6 +231,27 @@ def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline
         assert task_names(tasks) == [task] and tasks[0]["run_count"] == 1  # not retried: it cannot change
 
 
+def deployments(env: dict, pool: str) -> dict[str, dict]:
+    return {d["name"]: d for d in api(env, "deployments/filter", {}) if d["work_pool_name"] == pool}
+
+
+def test_process_deployments_need_only_the_process_pool_and_gpu_ones_an_image(worker):
+    """`--all` of prefect.yaml on a process-only set-up (no docker pool, blocks or image); gpu.yaml on its own."""
+    env, _ = worker
+    assert set(deployments(env, "distill-process")) == PROCESS_DEPLOYMENTS
+    prefect(env, *as_written("prefect work-pool create distill-docker --type docker"))
+    subprocess.run([sys.executable, "-c", "from prefect.blocks.system import Secret\n"
+                    "for name in ('distill-aws-access-key-id', 'distill-aws-secret-access-key'):\n"
+                    "    Secret(value='not-a-key').save(name, overwrite=True)"], env=env, check=True)
+    gpu = as_written("DISTILL_IMAGE=REGISTRY/distill-worker:0.1.0 prefect deploy --prefect-file deploy/gpu.yaml --all")
+    refused = prefect(env, *gpu, ok=False)  # DISTILL_IMAGE unset
+    assert "DISTILL_IMAGE is not set" in refused and not deployments(env, "distill-docker"), refused
+    image = "registry.example.com/distill-worker:0.1.0"
+    prefect({**env, "DISTILL_IMAGE": image}, *gpu)
+    nightly = deployments(env, "distill-docker")["pipeline-gpu-nightly"]
+    assert nightly["job_variables"]["image"] == image and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+
+
 def test_a_worker_without_distill_home_fails_the_run_in_its_pull_step(worker, tmp_path):
     """Not a checkout (DISTILL_HOME unset): the run crashes in its pull step, before any flow code; the worker's
     output names the variable."""
@@ -230,7 +262,7 @@ def test_a_worker_without_distill_home_fails_the_run_in_its_pull_step(worker, tm
     prefect(env, "work-pool", "create", "no-home", "--type", "process")
     prefect(env, "deploy", "--prefect-file", write(tmp_path / "prefect.yaml", deploy), "--name", "train-no-home")
     no_home = {k: v for k, v in env.items() if k != "DISTILL_HOME"}
-    with process_worker(no_home, "no-home", tmp_path) as log:
+    with process_worker(no_home, "no-home", tmp_path, tmp_path) as log:
         run_id = run(env, "train/train-no-home", {"config": "configs/demo/student.yaml"})
         state = finished(env, run_id, timeout=120)
     assert state["state_type"] == "CRASHED", state
