@@ -235,21 +235,50 @@ def deployments(env: dict, pool: str) -> dict[str, dict]:
     return {d["name"]: d for d in api(env, "deployments/filter", {}) if d["work_pool_name"] == pool}
 
 
-def test_process_deployments_need_only_the_process_pool_and_gpu_ones_an_image(worker):
-    """`--all` of prefect.yaml on a process-only set-up (no docker pool, blocks or image); gpu.yaml on its own."""
+GPU_DEPLOY = "DISTILL_IMAGE=REGISTRY/distill-worker:0.1.0 prefect deploy --prefect-file deploy/gpu.yaml --all"
+IMAGE = "registry.example.com/distill-worker:0.1.0"
+
+
+@pytest.fixture(scope="module")
+def docker_pool(worker):
+    """The docker pool of deploy/README.md, made from deploy/docker-pool.json (no docker worker runs here)."""
     env, _ = worker
-    assert set(deployments(env, "distill-process")) == PROCESS_DEPLOYMENTS
-    prefect(env, *as_written("prefect work-pool create distill-docker --type docker"))
+    prefect(env, *as_written("prefect work-pool create distill-docker --type docker "
+                             "--base-job-template deploy/docker-pool.json"))
     subprocess.run([sys.executable, "-c", "from prefect.blocks.system import Secret\n"
                     "for name in ('distill-aws-access-key-id', 'distill-aws-secret-access-key'):\n"
                     "    Secret(value='not-a-key').save(name, overwrite=True)"], env=env, check=True)
-    gpu = as_written("DISTILL_IMAGE=REGISTRY/distill-worker:0.1.0 prefect deploy --prefect-file deploy/gpu.yaml --all")
-    refused = prefect(env, *gpu, ok=False)  # DISTILL_IMAGE unset
-    assert "DISTILL_IMAGE is not set" in refused and not deployments(env, "distill-docker"), refused
-    image = "registry.example.com/distill-worker:0.1.0"
-    prefect({**env, "DISTILL_IMAGE": image}, *gpu)
+    return env
+
+
+def test_process_deployments_need_only_the_process_pool_and_gpu_ones_an_image(worker, docker_pool):
+    """`--all` of prefect.yaml on a process-only set-up (no docker pool, blocks or image); gpu.yaml on its own."""
+    env, _ = worker
+    assert set(deployments(env, "distill-process")) == PROCESS_DEPLOYMENTS  # deployed before the docker pool
+    before = deployments(env, "distill-docker")
+    refused = prefect(env, *as_written(GPU_DEPLOY), ok=False)  # DISTILL_IMAGE unset
+    assert "DISTILL_IMAGE is not set" in refused and deployments(env, "distill-docker") == before, refused
+    prefect({**env, "DISTILL_IMAGE": IMAGE}, *as_written(GPU_DEPLOY))
     nightly = deployments(env, "distill-docker")["pipeline-gpu-nightly"]
-    assert nightly["job_variables"]["image"] == image and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert nightly["job_variables"]["image"] == IMAGE and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+
+
+def test_docker_pool_runs_get_every_gpu_and_16g_of_shared_memory(docker_pool):
+    """The nightly deployment's job, rendered from the pool's template as a docker worker renders it."""
+    from prefect.utilities.templating import apply_values
+
+    env = docker_pool
+    prefect({**env, "DISTILL_IMAGE": IMAGE}, *as_written(GPU_DEPLOY))
+    import urllib.request
+
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/work_pools/distill-docker") as r:
+        template = json.loads(r.read())["base_job_template"]
+    nightly = deployments(env, "distill-docker")["pipeline-gpu-nightly"]
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    job = apply_values(template["job_configuration"], {**defaults, **nightly["job_variables"]})
+    assert job["image"] == IMAGE and job["image_pull_policy"] == "IfNotPresent"
+    assert job["container_create_kwargs"] == {
+        "shm_size": "16g", "device_requests": [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]}
 
 
 def test_a_worker_without_distill_home_fails_the_run_in_its_pull_step(worker, tmp_path):
