@@ -8,6 +8,7 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
+from flows.credentials import load_storage_credentials
 from flows.tasks import bench, check_checkpoints, compare
 
 Some = Field(min_length=1)
@@ -22,6 +23,7 @@ def bench_flow(checkpoints: Annotated[list[str], Some], prompts: Annotated[int, 
                compare_to: str | None = None) -> list[str]:
     """Benchmark each checkpoint (`<output>/checkpoints/latest` follows the pointer); with `compare_to`, also
     write the comparison there. Every checkpoint is checked before the first benchmark."""
+    load_storage_credentials()
     resolved = check_checkpoints(checkpoints, storage)
     reports = [bench(c, prompts, seeds, teacher_steps, training_iterations, storage) for c in resolved]
     if compare_to and len(reports) > 1:
@@ -31,6 +33,7 @@ def bench_flow(checkpoints: Annotated[list[str], Some], prompts: Annotated[int, 
 
 @flow(name="compare")
 def compare_flow(reports: Annotated[list[str], Some], out: str, storage: dict | None = None) -> str:
+    load_storage_credentials()
     return compare(reports, out, storage)
 
 

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from distill.config import ConfigError, build_section, load_config, read_config_file
 from distill.strict import positive
 from distill.storage import open_store
+from flows.credentials import load_storage_credentials
 from flows.tasks import (bench, cached, check_config, compare, list_checkpoints, make_shapes, mark_latest, preprocess,
                          shards_missing, train)
 
@@ -102,6 +103,7 @@ def load_pipeline(path: str) -> PipelineConfig:
 def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
     """Run the whole chain; returns where the comparison report is."""
     logger = get_run_logger()
+    load_storage_credentials()
     p = load_pipeline(spec)
     stages = [s for s in (p.teacher, p.student) if s is not None]
     for stage in stages:  # 1. every config, before any work

@@ -6,12 +6,14 @@ import sys
 
 from prefect import flow
 
+from flows.credentials import load_storage_credentials
 from flows.tasks import cached, check_config, preprocess, shards_missing
 
 
 @flow(name="preprocess")
 def preprocess_flow(config: str, overrides: list[str] | None = None) -> str:
     overrides = overrides or []
+    load_storage_credentials()
     check_config(config, overrides)
     return cached(preprocess, shards_missing(config, overrides))(config, overrides)
 

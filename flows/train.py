@@ -6,6 +6,7 @@ import sys
 
 from prefect import flow
 
+from flows.credentials import load_storage_credentials
 from flows.tasks import check_config, train
 
 
@@ -13,6 +14,7 @@ from flows.tasks import check_config, train
 def train_flow(config: str, overrides: list[str] | None = None, num_gpus: int = 0, resume: bool | None = False) -> dict:
     """resume: True continues from the newest checkpoint; None resumes when there is one (retries, schedules)."""
     overrides = overrides or []
+    load_storage_credentials()
     check_config(config, overrides)
     return train(config, overrides, num_gpus, resume)
 

@@ -99,15 +99,25 @@ def process_worker(env: dict, pool: str, cwd: Path, logs: Path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def save_secrets(env: dict, values: dict[str, str]) -> None:
+    """Secret blocks, saved as deploy/README.md saves them."""
+    assert 'Secret(value="...").save("distill-aws-secret-access-key", overwrite=True)' in README
+    code = "from prefect.blocks.system import Secret\n" + "".join(
+        f"Secret(value={v!r}).save({k!r}, overwrite=True)\n" for k, v in values.items())
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
 @pytest.fixture(scope="module")
 def worker(server, tmp_path_factory, s3_server):
-    """The process set-up of deploy/README.md, as written: the pool, every process deployment, a worker run from
-    the checkout with DISTILL_HOME=$PWD; storage credentials in its environment."""
+    """The process set-up of deploy/README.md, as written: storage credentials in Secret blocks, the pool, every
+    process deployment, a worker run from the checkout with DISTILL_HOME=$PWD (and no AWS keys of its own)."""
+    save_secrets(server, {"distill-aws-access-key-id": s3_server.key_id,
+                          "distill-aws-secret-access-key": s3_server.secret})
     prefect(server, *as_written("prefect work-pool create distill-process --type process"))
     prefect(server, *as_written("prefect deploy --prefect-file deploy/prefect.yaml --all"))
     assert "DISTILL_HOME=$PWD prefect worker start --pool distill-process" in README
-    env = {**server, "DISTILL_HOME": str(ROOT), "OMP_NUM_THREADS": "1", "AWS_ACCESS_KEY_ID": s3_server.key_id,
-           "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {k: v for k, v in server.items() if not k.startswith("AWS_")}
+    env.update(DISTILL_HOME=str(ROOT), OMP_NUM_THREADS="1", AWS_DEFAULT_REGION="us-east-1")
     with process_worker(env, "distill-process", ROOT, tmp_path_factory.mktemp("worker")) as log:
         yield server, log
 
@@ -193,8 +203,6 @@ def pipeline_run(worker, s3_server, tmp_path_factory):
 def test_deployed_pipeline_completes_with_artifacts_in_s3(pipeline_run, s3_server):
     env, run_id, bucket, state = pipeline_run.env, pipeline_run.id, pipeline_run.bucket, pipeline_run.state
     assert state["state_type"] == "COMPLETED", pipeline_run.log.read_text()[-4000:]
-    params = json.dumps(state["parameters"])
-    assert s3_server.secret not in params and s3_server.key_id not in params  # credentials never parameters
 
     client = s3_server.client()
     prefix = bucket.split("/", 3)[3]
@@ -207,6 +215,24 @@ def test_deployed_pipeline_completes_with_artifacts_in_s3(pipeline_run, s3_serve
         assert key in keys, key
     names = task_names(task_runs(env, run_id))
     assert names.count("train") == 2 and names.count("bench-checkpoint") == 2 and "compare-reports" in names
+
+
+def test_no_secret_is_stored_in_deployments_runs_logs_or_artifacts(pipeline_run, docker_pool, s3_server):
+    """The S3 pipeline ran on a worker with no AWS keys of its own: its flows read the Secret blocks at run time.
+    Nothing the server keeps (every deployment, flow run, task run, log and artifact) holds a credential."""
+    env = pipeline_run.env
+    assert pipeline_run.state["state_type"] == "COMPLETED", pipeline_run.log.read_text()[-4000:]
+    prefect({**env, "DISTILL_IMAGE": IMAGE}, *as_written(GPU_DEPLOY))
+    kept = {"deployments": api(env, "deployments/filter", {}), "flow_runs": api(env, "flow_runs/filter", {}),
+            "task_runs": api(env, "task_runs/filter", {}), "artifacts": api(env, "artifacts/filter", {})}
+    kept["logs"] = []
+    while page := api(env, "logs/filter", {"offset": len(kept["logs"]), "limit": 200}):
+        kept["logs"] += page
+    assert kept["deployments"] and kept["flow_runs"] and kept["logs"] and kept["artifacts"]
+    assert "storage credentials from the Secret blocks" in logs(env, pipeline_run.id)
+    text = json.dumps(kept)
+    for secret in (s3_server.secret, s3_server.key_id):
+        assert secret not in text
 
 
 def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline_run, tmp_path):
@@ -245,9 +271,6 @@ def docker_pool(worker):
     env, _ = worker
     prefect(env, *as_written("prefect work-pool create distill-docker --type docker "
                              "--base-job-template deploy/docker-pool.json"))
-    subprocess.run([sys.executable, "-c", "from prefect.blocks.system import Secret\n"
-                    "for name in ('distill-aws-access-key-id', 'distill-aws-secret-access-key'):\n"
-                    "    Secret(value='not-a-key').save(name, overwrite=True)"], env=env, check=True)
     return env
 
 
