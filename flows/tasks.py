@@ -12,25 +12,25 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import yaml
 from prefect import get_client, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from distill import registry
 from distill.config import Config, ConfigError, StorageConfig, load_config, to_dict
 from distill.errors import InputError
 from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint, open_checkpoint
 from distill.storage import StorageError, open_store
-from distill.training.metrics import parse_metrics
+from flows.artifacts import publish_comparison, publish_report, publish_validations
 
 
 
@@ -50,6 +50,7 @@ def retry_on_io(task, task_run, state) -> bool:
 STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_on_io)
 GPU_JOBS_PER_HOST = 1
 GPU_LEASE_SECONDS = 60
+VALIDATION_POLL_SECONDS = 5
 
 
 @contextlib.contextmanager
@@ -167,20 +168,36 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     with gpu_slot():
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 env={**env, "PYTHONUNBUFFERED": "1"})
-        last_check = 0.0
-        for line in proc.stdout:
-            line = line.rstrip()
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        next_check = 0.0
+        while (line := _next_line(lines)) is not None:  # a validation is published within seconds, log or not
             if line and "\r" not in line:
                 logger.info(line)
-            if time.time() - last_check > 5:
+            if time.monotonic() >= next_check:
                 publish_validations(cfg, store, published)
-                last_check = time.time()
+                next_check = time.monotonic() + VALIDATION_POLL_SECONDS
         code = proc.wait()
     publish_validations(cfg, store, published)
     if code != 0:
         raise RuntimeError(f"training exited with code {code}; the newest complete checkpoint stays resumable "
                            f"(run again with resume=True)")
     return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """The launcher's output, line by line, then None at its end."""
+    for line in stream:
+        lines.put(line.rstrip())
+    lines.put(None)
+
+
+def _next_line(lines: queue.Queue) -> str | None:
+    """The next line of output; "" when none came within a second (the caller polls between lines)."""
+    try:
+        return lines.get(timeout=1.0)
+    except queue.Empty:
+        return ""
 
 
 def start_flags(store, cfg: Config, resume: bool | None) -> tuple[bool, bool]:
@@ -194,46 +211,6 @@ def start_flags(store, cfg: Config, resume: bool | None) -> tuple[bool, bool]:
     if latest_checkpoint(store) is not None:
         return True, False
     return False, store.exists("config.yaml") and yaml.safe_load(store.get_text("config.yaml")) == to_dict(cfg)
-
-
-def publish_validations(cfg: Config, store, published: set[str]) -> None:
-    """One markdown artifact per new validation folder (meta.json is its last file), plus the metrics so far."""
-    for key in store.list("validation"):
-        if not key.endswith("meta.json") or key in published:
-            continue
-        published.add(key)
-        meta = json.loads(store.get_text(key))
-        folder = store.key_uri(key.rsplit("/", 1)[0])
-        step = key.split("/")[1]
-        rows = parse_metrics(store.get_text("metrics.jsonl")) if store.exists("metrics.jsonl") else []
-        latest = rows[-1] if rows else {}
-        create_markdown_artifact(
-            key=_artifact_key(f"{cfg.run.name}-validation"),
-            description=f"{cfg.run.name} validation at {step}",
-            markdown="\n".join([
-                f"# {cfg.run.name}: validation at {step}", "",
-                f"Contact sheet: `{folder}/contact.png`", "",
-                f"Sampler {meta['sampler_kind']}, timesteps {meta['timesteps']}, guidance {meta['guidance_scale']}, "
-                f"{meta['function_evaluations_per_video']} evaluations per video, "
-                f"{sum(meta['seconds_per_video']) / len(meta['seconds_per_video']):.3f} s per video.", "",
-                "| prompt | seed | video |", "|---|---|---|",
-                *[f"| {p} | {s} | `{folder}/{v}` |" for (p, s), v in
-                  zip([(p, s) for p in meta["prompts"] for s in meta["seeds"]], meta["videos"])],
-                "", "Latest metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in latest.items()
-                                                   if isinstance(v, float)),
-            ]),
-        )
-        if rows:
-            losses = registry.get_method(cfg.method).cls.headline_losses
-            keys = [k for k in ("step", *losses) if k in rows[-1]]
-            create_table_artifact(key=_artifact_key(f"{cfg.run.name}-metrics"),
-                                  table=[{k: r.get(k) for k in keys} for r in rows[-50:]],
-                                  description=f"{cfg.run.name} metrics up to {step}")
-
-
-def _artifact_key(text: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes."""
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 @task(name="check-checkpoints")
@@ -259,9 +236,10 @@ def bench(checkpoint: str, prompts: int, seeds: int, teacher_steps: int, trainin
     with gpu_slot():
         report = bench_checkpoint(checkpoint, spec, storage=StorageConfig(**(storage or {})),
                                   training_iterations=training_iterations)
-    store, name = open_store(report.rsplit("/", 1)[0], StorageConfig(**(storage or {}))), checkpoint.rstrip("/").split("/")[-1]
-    create_markdown_artifact(key=_artifact_key(f"bench-{name}"), markdown=store.get_text("report.md"),
-                             description=f"benchmark of {checkpoint}")
+    cfg = StorageConfig(**(storage or {}))
+    store = open_store(report.rsplit("/", 1)[0], cfg)
+    meta = json.loads(store.get_text("meta.json"))
+    publish_report(meta["run"], meta["name"], store.get_text("report.md"), checkpoint)
     return report.rsplit("/", 1)[0]
 
 
@@ -273,17 +251,18 @@ def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
     from distill.bench.report import compare as compare_reports
 
     cfg = StorageConfig(**(storage or {}))
-    local = []
+    local, runs = [], []
     for report in reports:
         store = open_store(report, cfg)
         path = Path(tempfile.mkdtemp(prefix="distill-report-")) / "report.parquet"
         local.append(store.get_file("report.parquet", path).parent)
+        runs.append(json.loads(store.get_text("meta.json")).get("run") if store.exists("meta.json") else None)
     out_store = open_store(out, cfg)
     work = Path(out_store.root) if out_store.is_local else Path(tempfile.mkdtemp(prefix="distill-compare-"))
     _, markdown = compare_reports(local, work)
     if not out_store.is_local:
         out_store.upload_folder(work, "", last="compare.md")
-    create_markdown_artifact(key="comparison", markdown=markdown, description="checkpoints side by side")
+    publish_comparison(runs[0] or "reports", markdown, out_store.key_uri("compare.md"))
     return out_store.key_uri("compare.md")
 
 

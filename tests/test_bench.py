@@ -128,6 +128,7 @@ def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
     table = table.iloc[:-1]
     assert list(table.nfe) == [4, 12, 8]  # the teacher samples with CFG: two passes a step
     assert (table.latency_s > 0).all() and (table.latency_s >= table.denoise_s).all()
+    assert (table.latency_spread_s >= 0).all() and table.weights_id.iloc[1] == table.weights_id.iloc[2]
     for column in ("adherence_all", "motion_consistency", "sharpness", "diversity", "coverage", "fd_oracle"):
         assert table[column].notna().all(), column
     assert pd.read_csv(report / "report.csv").shape == (len(table) + 1, table.shape[1])
@@ -162,6 +163,25 @@ def test_compare_flags_regressions(tmp_path):
     assert any(f.startswith("adherence_all") for f in flags) and any(f.startswith("latency_s") for f in flags)
     assert not any(f.startswith("fd_oracle") for f in flags)  # lower is better: an improvement
     assert not any(f.startswith("diversity") for f in flags)
+
+
+def test_compare_flags_neither_timing_noise_nor_unchanged_weights(tmp_path):
+    """The frozen teacher (same weights in both reports) is never flagged; a student's timing only beyond its spread."""
+    rows = {"a": [{"model": "student", "weights_id": "s1", "latency_s": 1.0, "latency_spread_s": 0.1},
+                  {"model": "teacher", "weights_id": "t", "latency_s": 5.0, "latency_spread_s": 0.1,
+                   "adherence_all": 0.9}],
+            "b": [{"model": "student", "weights_id": "s2", "latency_s": 1.3, "latency_spread_s": 0.3},
+                  {"model": "teacher", "weights_id": "t", "latency_s": 7.0, "latency_spread_s": 0.1,
+                   "adherence_all": 0.5}],
+            "c": [{"model": "student", "weights_id": "s3", "latency_s": 1.6, "latency_spread_s": 0.1}]}
+    for name, table in rows.items():
+        (tmp_path / name).mkdir()
+        pd.DataFrame([{"checkpoint": name, "sampler": "ode", "steps": 4, **r} for r in table]).to_parquet(
+            tmp_path / name / "report.parquet")
+    _, md = compare([tmp_path / n for n in rows])
+    regressions = md.split("## Regressions")[1]
+    assert "teacher" not in regressions and "in b" not in regressions  # 0.3 s slower, within 0.1 + 0.3 of spread
+    assert "latency_s of student ode 4-step: 1 -> 1.6 in c" in regressions
 
 
 def test_compare_runs_with_the_same_checkpoint_names(tmp_path):

@@ -191,6 +191,7 @@ def pipeline_run(worker, s3_server, tmp_path_factory):
     student = tiny_raw(f"{bucket}/student", data=data, storage=storage,
                        training={"max_steps": 4, "checkpoint_every": 2}, method_config={"generator_update_interval": 2})
     student["roles"]["teacher"]["init_from"] = f"{bucket}/teacher/checkpoints/latest"
+    teacher["run"]["name"], student["run"]["name"] = "deploy-teacher", "deploy-student"
     spec = write(tmp_path / "pipeline.yaml", {
         "shapes": {"out": str(tmp_path / "shapes"), "count": 10, **SIZE},
         "teacher": {"config": write(tmp_path / "teacher.yaml", teacher)},
@@ -215,6 +216,16 @@ def test_deployed_pipeline_completes_with_artifacts_in_s3(pipeline_run, s3_serve
         assert key in keys, key
     names = task_names(task_runs(env, run_id))
     assert names.count("train") == 2 and names.count("bench-checkpoint") == 2 and "compare-reports" in names
+
+
+def test_artifacts_are_keyed_by_run_name_with_rounded_floats(pipeline_run):
+    """Two runs never share a key: each starts with the run config's name (deploy-teacher, deploy-student)."""
+    made = {a["key"]: a for a in artifacts(pipeline_run.env, pipeline_run.id)}
+    assert {"deploy-teacher-validation", "deploy-teacher-metrics", "deploy-student-bench-step-000002",
+            "deploy-student-bench-step-000004", "deploy-student-comparison"} <= set(made)
+    assert all(k.startswith(("deploy-teacher-", "deploy-student-")) for k in made), sorted(made)
+    table = json.loads(made["deploy-teacher-metrics"]["data"])
+    assert table and all(v == float(f"{v:.4g}") for row in table for v in row.values() if isinstance(v, float))
 
 
 def test_no_secret_is_stored_in_deployments_runs_logs_or_artifacts(pipeline_run, docker_pool, s3_server):
@@ -248,7 +259,7 @@ def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline
 
     state = finished(env, bench_id)
     assert state["state_type"] == "COMPLETED", state["state"]["message"]
-    assert [a["key"] for a in artifacts(env, bench_id)] == ["bench-step-000004"]
+    assert [a["key"] for a in artifacts(env, bench_id)] == ["deploy-student-bench-step-000004"]
     for run_id, task, cause in ((missing, "check-checkpoints", "step-000003"),
                                 (no_report, "compare-reports", "bench/none/report.parquet: not found")):
         state = finished(env, run_id)
@@ -348,10 +359,18 @@ def test_a_job_killed_mid_run_is_crashed_and_resumes_from_its_checkpoint(worker,
     env, _ = worker
     out = tmp_path / "run"
     raw = tiny_raw(out, training={"max_steps": 400, "checkpoint_every": 10, "log_every": 10},
-                   data={"num_frames": 3, "height": 16, "width": 16})
+                   data={"num_frames": 3, "height": 16, "width": 16},
+                   validation={"every": 10, "seeds": [0], "prompts": ["a red circle moving left"]})
+    raw["run"]["name"] = "kill-resume"
     config = write(tmp_path / "run.yaml", raw)
     run_id = run(env, "train/train", {"config": config})
     wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "a first checkpoint")
+    # Training prints nothing between its first and last step: its validations are published all the same.
+    made = wait_for(lambda: {a["key"]: a for a in artifacts(env, run_id)}.get("kill-resume-metrics"), 60,
+                    "the first validation's artifacts")
+    assert flow_run(env, run_id)["state_type"] == "RUNNING"
+    step = made["description"].rsplit(" ", 1)[1]  # "kill-resume metrics up to step-000010"
+    assert max(row["step"] for row in json.loads(made["data"])) <= int(step.split("-")[1])
     for pid in flow_run_processes(run_id):  # the job and everything it started
         try:
             os.kill(pid, signal.SIGKILL)

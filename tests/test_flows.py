@@ -65,7 +65,8 @@ def test_pipeline_runs_end_to_end_then_reuses_its_work(tmp_path):
     # Artifacts: the validation sheet and metrics of the run, a report per checkpoint, the comparison.
     markdown = artifacts("flow-student-validation")[0].data
     assert "contact.png" in markdown and "Sampler sde" in markdown
-    assert artifacts("flow-student-metrics") and artifacts("bench-step-000004") and artifacts("comparison")
+    assert artifacts("flow-student-metrics") and artifacts("flow-student-bench-step-000004")
+    assert artifacts("flow-student-comparison")
 
     # Same data, same configs: preprocessing is served from cache, the finished run is not trained again.
     shard_mtime = (tmp_path / "shards" / "MANIFEST.json").stat().st_mtime_ns

@@ -12,6 +12,8 @@ Latency excludes a warm-up video and is the median over every (prompt, seed) vid
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import platform
 import random
 import statistics
@@ -24,10 +26,10 @@ import torch
 
 from distill import registry
 from distill.bench.quality import load_metric, real_feature_set, score_videos
-from distill.config import Config, StorageConfig
+from distill.config import Config, StorageConfig, to_dict
 from distill.device import resolve_device
 from distill.errors import InputError
-from distill.run_layout import CheckpointError, open_checkpoint
+from distill.run_layout import CheckpointError, open_checkpoint, resolve_latest
 from distill.storage import open_store
 from distill.validation import SamplingSpec, ValidationRequest
 
@@ -175,23 +177,45 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             "checkpoint": ckpt.name, "step": ckpt.step, "model": handle.name,
             "sampler": how.sampler_kind, "steps": how.num_steps, "guidance": how.guidance_scale,
             "weights": ckpt.method["weights"] if handle is student else "trained",
+            "weights_id": weights_id(ckpt, cfg, handle is student),
             "nfe": result.function_evaluations_per_video, "latency_s": latency, "denoise_s": denoise,
-            "decode_s": latency - denoise, "videos": len(result.frames), **quality,
+            "decode_s": latency - denoise, "latency_spread_s": spread(result.seconds_per_video),
+            "denoise_spread_s": spread(result.denoising_seconds_per_video), "videos": len(result.frames), **quality,
             "contact_sheet": f"videos/{label}/contact.png",
         })
     if data.data_videos:
         prompt_ids = [data.data_captions.index(c) for c in data.data_captions]  # first index: an id per caption
         quality = score_videos(data.data_videos, data.data_captions, prompt_ids, real_features=real_features,
                                real_videos=real_videos, metrics=metrics)
-        rows.append({"checkpoint": ckpt.name, "step": ckpt.step, "model": "data", "sampler": "-",
-                     "steps": 0, "videos": len(data.data_videos), **quality})
+        rows.append({"checkpoint": ckpt.name, "step": ckpt.step, "model": "data", "sampler": "-", "steps": 0,
+                     "weights_id": _digest(["data", to_dict(cfg.data)]), "videos": len(data.data_videos), **quality})
     meta = {
-        "checkpoint": uri, "name": ckpt.name, "step": ckpt.step, "method": cfg.method,
+        "checkpoint": uri, "run": cfg.run.name, "name": ckpt.name, "step": ckpt.step, "method": cfg.method,
         "headline_losses": ckpt.method["headline_losses"], "weights": ckpt.method["weights"], "card": card(device),
         "versions": versions(), "prompts": captions, "seeds": seeds, "real_videos": len(real_videos),
         "size": {"num_frames": d.num_frames, "height": d.height, "width": d.width},
     }
     return rows, meta
+
+
+def spread(seconds: list[float]) -> float:
+    """How far one video's timing strays: max - min over the measured videos (0 for one video)."""
+    return max(seconds) - min(seconds)
+
+
+def weights_id(ckpt, cfg: Config, student: bool) -> str:
+    """Identity of a row's weights: the checkpoint for the student; for the teacher, its source (a `latest`
+    pointer read as the checkpoint it names) and the model section, so reports of one run share it."""
+    if student:
+        return _digest([ckpt.uri, ckpt.manifest.get("created")])
+    source = cfg.roles["teacher"].init_from
+    if source and source.rstrip("/").endswith("/latest"):
+        source = resolve_latest(source, cfg.storage)
+    return _digest(["teacher", source, to_dict(cfg.model)])
+
+
+def _digest(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def card(device: torch.device) -> str:

@@ -135,8 +135,9 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
             latency_tolerance: float = 0.10) -> tuple[pd.DataFrame, str]:
     """Line reports up by (model, sampler, steps): each metric per report, its delta against the
     first report that has the row, and a regression flag where a later report is worse by more
-    than `tolerance` (absolute for fractions in [0, 1], else relative), or, for latencies,
-    `latency_tolerance` (relative: timings move by a few percent from run to run)."""
+    than `tolerance` (absolute for fractions in [0, 1], else relative), or, for timings, by more than
+    `latency_tolerance` (relative) and more than the two reports' spreads of that timing together.
+    A row whose weights are the same in every report (the frozen teacher, the data) is never flagged."""
     if not reports:
         raise InputError("compare: no reports given; pass at least one report folder")
     tables = [read_report_table(Path(path)) for path in reports]
@@ -149,6 +150,9 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
     keys = list(dict.fromkeys(key for table in tables for key in table.index))
     rows, flags = [], []
     for key in keys:
+        having = [table for table in tables if key in table.index]
+        unchanged = len(having) > 1 and all("weights_id" in t for t in having) and \
+            len({t.loc[key, "weights_id"] for t in having}) == 1
         for metric in metrics:
             row = dict(zip(KEY, key), metric=metric)
             first = None
@@ -157,14 +161,15 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
                 row[label] = value
                 if first is None:
                     if key in table.index:
-                        first = value
+                        first, first_table = value, table
                     continue
                 delta = value - first
                 row[f"delta {label}"] = delta
                 worse = delta > 0 if metric in LOWER_IS_BETTER else delta < 0
                 scale = 1.0 if metric in QUALITY else max(abs(first), 1e-12)
                 limit = latency_tolerance if metric.endswith("_s") else tolerance
-                if worse and abs(delta) / scale > limit:
+                noise = _spread(first_table, key, metric) + _spread(table, key, metric)
+                if not unchanged and worse and abs(delta) / scale > limit and abs(delta) > noise:
                     flags.append(f"{metric} of {key[0]} {key[1]} {key[2]}-step: {first:.4g} -> {value:.4g} in {label}")
             rows.append(row)
     frame = pd.DataFrame(rows)
@@ -177,6 +182,16 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
             (staging / "compare.md").write_text(md)
             (staging / "regressions.json").write_text(json.dumps(flags, indent=2))
     return frame, md
+
+
+SPREADS = {"latency_s": ["latency_spread_s"], "denoise_s": ["denoise_spread_s"],
+           "decode_s": ["latency_spread_s", "denoise_spread_s"]}
+"""The spread columns (max - min over a report's videos) that bound a timing's run-to-run noise."""
+
+
+def _spread(table: pd.DataFrame, key: tuple, metric: str) -> float:
+    values = [table.loc[key, c] for c in SPREADS.get(metric, []) if c in table and key in table.index]
+    return float(sum(v for v in values if pd.notna(v)))
 
 
 def is_comparison(folder: Path) -> bool:
