@@ -108,7 +108,16 @@ def save_secrets(env: dict, values: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def worker(server, tmp_path_factory, s3_server):
+def checkout(tmp_path_factory) -> Path:
+    """A checkout for the worker's DISTILL_HOME: the repository's code and configs, its own runs/."""
+    home = tmp_path_factory.mktemp("checkout")
+    for name in ("flows", "distill", "configs", "pyproject.toml"):
+        (home / name).symlink_to(ROOT / name)
+    return home
+
+
+@pytest.fixture(scope="module")
+def worker(server, tmp_path_factory, s3_server, checkout):
     """The process set-up of deploy/README.md, as written: storage credentials in Secret blocks, the pool, every
     process deployment, a worker run from the checkout with DISTILL_HOME=$PWD (and no AWS keys of its own)."""
     save_secrets(server, {"distill-aws-access-key-id": s3_server.key_id,
@@ -117,8 +126,8 @@ def worker(server, tmp_path_factory, s3_server):
     prefect(server, *as_written("prefect deploy --prefect-file deploy/prefect.yaml --all"))
     assert "DISTILL_HOME=$PWD prefect worker start --pool distill-process" in README
     env = {k: v for k, v in server.items() if not k.startswith("AWS_")}
-    env.update(DISTILL_HOME=str(ROOT), OMP_NUM_THREADS="1", AWS_DEFAULT_REGION="us-east-1")
-    with process_worker(env, "distill-process", ROOT, tmp_path_factory.mktemp("worker")) as log:
+    env.update(DISTILL_HOME=str(checkout), OMP_NUM_THREADS="1", AWS_DEFAULT_REGION="us-east-1")  # $PWD
+    with process_worker(env, "distill-process", checkout, tmp_path_factory.mktemp("worker")) as log:
         yield server, log
 
 
@@ -228,6 +237,15 @@ def test_artifacts_are_keyed_by_run_name_with_rounded_floats(pipeline_run):
     assert table and all(v == float(f"{v:.4g}") for row in table for v in row.values() if isinstance(v, float))
 
 
+def test_the_small_spec_completes_as_the_readme_says_with_outputs_under_distill_home(worker, checkout):
+    env, log = worker
+    out = prefect(env, *as_written("prefect deployment run 'pipeline/pipeline' --param "
+                                   "spec=configs/small/pipeline.yaml --watch"))
+    assert "Flow run finished successfully in 'Completed'" in out, out + log.read_text()[-4000:]
+    assert "# Comparison" in (checkout / "runs/small/student/bench/compare/compare.md").read_text()
+    assert "$DISTILL_HOME/runs/small/student/bench/compare/compare.md" in README
+
+
 def test_no_secret_is_stored_in_deployments_runs_logs_or_artifacts(pipeline_run, docker_pool, s3_server):
     """The S3 pipeline ran on a worker with no AWS keys of its own: its flows read the Secret blocks at run time.
     Nothing the server keeps (every deployment, flow run, task run, log and artifact) holds a credential."""
@@ -295,6 +313,11 @@ def test_process_deployments_need_only_the_process_pool_and_gpu_ones_an_image(wo
     prefect({**env, "DISTILL_IMAGE": IMAGE}, *as_written(GPU_DEPLOY))
     nightly = deployments(env, "distill-docker")["pipeline-gpu-nightly"]
     assert nightly["job_variables"]["image"] == IMAGE and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    # The schedule queues its next runs at once (deploy/README.md, section 4): Scheduled, at 02:00 UTC.
+    query = {"flow_runs": {"deployment_id": {"any_": [nightly["id"]]}}}
+    queued = wait_for(lambda: (lambda runs: runs if len(runs) >= 3 else None)(api(env, "flow_runs/filter", query)),
+                      60, "the nightly runs")
+    assert all(r["state_type"] == "SCHEDULED" and r["expected_start_time"][11:16] == "02:00" for r in queued)
 
 
 def test_docker_pool_runs_get_every_gpu_and_16g_of_shared_memory(docker_pool):
