@@ -8,7 +8,7 @@
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
 #     4-step and the first 1-step one), side by side, and one comparison per step count.
-#   VARIANTS="..." scripts/gpu-results.sh ablation   both of the above, then the results into $OUT/ablation.tgz;
+#   VARIANTS="..." scripts/gpu-results.sh ablation   both of the above, then the results into $OUT/ablation.tgz.NN;
 #     run detached (setsid) so that it goes on between calls while the machine stays warm.
 #     A variant is a name below; a "1-" prefix makes it a 1-step student.
 # TEACHER_STOP=3000 stops the teacher's stage once that step's checkpoint is complete (the students start there).
@@ -85,10 +85,12 @@ case "$stage" in
   ablation)
     "$0" ablation-train "${@}"
     "$0" ablation-bench
-    # reports, curves and configs (contact sheets, not the videos) come back in one file
-    find runs/gpu/ablation -name '*.gif' -prune -o -type f \( -path '*/bench/*' -o -path '*compare-*' \
-      -o -name metrics.jsonl -o -name config.yaml \) -print | tar czf "$out/ablation.tgz" -T -
+    # reports, curves, configs and logs (contact sheets, not the videos) come back in one file
     cp "$out"/*.log runs/gpu/ablation/ 2>/dev/null || true
+    find runs/gpu/ablation -name '*.gif' -prune -o -type f \( -path '*/bench/*' -o -path '*compare-*' \
+      -o -name metrics.jsonl -o -name config.yaml -o -name '*.log' \) -print | tar czf "$out/ablation.tgz" -T -
+    # in pieces under the 16 MiB a file may have to come back (cat ablation.tgz.* | tar xz)
+    split -b 15M -d "$out/ablation.tgz" "$out/ablation.tgz." && rm "$out/ablation.tgz"
     touch "$out/DONE"
     ;;
   probes)
