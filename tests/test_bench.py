@@ -56,6 +56,9 @@ def test_quality_scores_follow_what_is_shown():
     blank = quality.score_videos([np.zeros((9, 32, 32, 3), np.uint8)] * 4, captions[:4], [0, 0, 1, 1], real_features=real)
     assert blank["adherence_all"] == 0.0 and blank["coverage"] < good["coverage"]
     assert blank["fd_oracle"] > good["fd_oracle"]
+    # One video (one prompt x one seed) still scores, without a Fréchet distance (no covariance of one).
+    single = quality.score_videos(videos[:1], captions[:1], [0], real_features=real)
+    assert single["adherence_all"] == 1.0 and "fd_oracle" not in single
 
 
 def tiny_clip(folder):

@@ -161,11 +161,13 @@ def score_videos(videos: list[np.ndarray], captions: list[str], prompt_ids: list
             spreads.append(float(np.std(np.stack(free), axis=0).mean()))
     out["diversity"] = float(np.mean(spreads)) if spreads else 0.0
     feats = np.stack([oracle_features(r) for r in readings])
-    if real_features is not None and len(real_features) > 1:
+    # A Fréchet distance compares covariances: it needs two videos on each side (one prompt x one
+    # seed still measures latency and adherence).
+    if real_features is not None and len(real_features) > 1 and len(feats) > 1:
         out["fd_oracle"] = frechet_distance(feats, real_features)
         out["coverage"] = coverage(real_features, feats)
     for metric in metrics:
-        if real_videos:
+        if real_videos and len(real_videos) > 1 and len(videos) > 1:
             out[f"fd_{metric.name}"] = frechet_distance(metric.features(videos), metric.features(real_videos))
         text = metric.text_score(videos, captions)
         if text is not None:

@@ -60,7 +60,9 @@ def _markdown(table: pd.DataFrame, meta: dict, training: dict | None, plots: lis
              f"Card: {meta['card']}. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
              f"Videos: {len(meta['prompts'])} prompts x {len(meta['seeds'])} seeds at "
              f"{meta['size']['num_frames']}x{meta['size']['height']}x{meta['size']['width']}; "
-             f"{meta['real_videos']} real videos for Fréchet distance and coverage.",
+             f"{meta['real_videos']} real videos for Fréchet distance and coverage"
+             + (" (not computed: it needs two videos per model)." if len(meta["prompts"]) * len(meta["seeds"]) < 2
+                else "."),
              f"Student weights: {'the EMA of the trained weights' if meta.get('weights') == 'ema' else 'as trained'}.",
              ""]
     speed = [c for c in ["model", "weights", "sampler", "steps", "guidance", "nfe", "latency_s", "denoise_s", "decode_s"]
