@@ -33,7 +33,6 @@ from distill.storage import StorageError, open_store
 from flows.artifacts import publish_comparison, publish_report, publish_validations
 
 
-
 def retry_on_io(task, task_run, state) -> bool:
     """Retry what may pass (a store unreachable, the network); never bad input (config, checkpoint, report)."""
     try:

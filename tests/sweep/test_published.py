@@ -260,8 +260,8 @@ def test_resume_from_an_older_checkpoint_keeps_the_newer_unless_forced(run, caps
         code, err = distill(capsys, "train", config, "--resume", STEP1)
         line = one_line_error(err)
         assert code == 2
-        assert (f"--resume step-000001: the run has newer checkpoints (step-000002) that resuming from step-000001 "
-                f"would drop, with the metrics.jsonl rows after step 1; resume from step-000002, or pass --force") in line
+        assert ("--resume step-000001: the run has newer checkpoints (step-000002) that resuming from step-000001 "
+                "would drop, with the metrics.jsonl rows after step 1; resume from step-000002, or pass --force") in line
         code, err = distill(capsys, "train", config, "--force")
         assert code == 2 and "--force: only with --resume" in one_line_error(err, "config error")
         # A changed key is refused before anything is built, too.
