@@ -29,7 +29,10 @@ bench_of() { echo "$1/bench/$(cat "$1/checkpoints/latest")"; }
 quiet() { grep -v -e Warning -e warn; }
 
 # DMD2 ablation (issue 11): overrides of configs/gpu/shapes-student-4.yaml (or -1.yaml), same data and budget.
-# A variant joins parts with "+" (gan10+ema+w3); "gan-ema" is gan+ema; a "1-" prefix makes a 1-step student.
+# Every variant starts from DMD alone at guidance 4 (BASE; the configs hold the winning recipe), then adds
+# its parts, joined with "+" (gan10+ema+w3); "gan-ema" is gan+ema; a "1-" prefix makes a 1-step student.
+BASE="method_config.real_score_guidance_scale=4.0 method_config.gan_critic_weight=0.0 \
+method_config.gan_generator_weight=0.0 method_config.ema_decay=0.0"
 declare -A PART=(
   [dmd]=""
   [ema]="method_config.ema_decay=0.99 method_config.ema_start_step=20"
@@ -45,6 +48,7 @@ variant_run() {  # variant_run NAME: the training command's arguments
   [ "$name" != "$base" ] && steps=1
   local args=(configs/gpu/shapes-student-$steps.yaml --set "run.output=runs/gpu/ablation/$name" --set "run.name=ablation-$name")
   [ -n "${TEACHER:-}" ] && args+=(--set "roles.teacher.init_from=$TEACHER")
+  for o in $BASE; do args+=(--set "$o"); done
   for part in ${base//+/ }; do
     if [ "$part" = gan-ema ]; then for o in ${PART[gan]}; do args+=(--set "$o"); done; part=ema; fi
     [ -n "${PART[$part]+x}" ] || { echo "unknown variant part $part (in $name)" >&2; exit 2; }

@@ -41,8 +41,6 @@ def wait_for(check, timeout: float, what: str, every: float = 0.5):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`prefect server start` on a free port, with its own home (database); stopped at the end."""
-    import urllib.request
-
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -52,14 +50,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env={**env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).read() == b"true"
-        except OSError:
-            return False
-
-    wait_for(healthy, 120, "the Prefect server")
+    prefect(env, *as_written("prefect server status --wait --timeout 120"))  # as deploy/README.md waits for it
     yield env
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
