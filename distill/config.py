@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distill.errors import ConfigError
-from distill.locations import check_endpoint_url, check_weights_source, hub_id
+from distill.locations import check_endpoint_url, check_weights_source
+from distill.model_config import MAX_FLOW_SHIFT, ModelConfig  # noqa: F401  (the model section, a module of its own)
 from distill.strict import build_section, check_seeds, load_yaml, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "build_config", "build_section", "load_config", "to_dict"]
@@ -38,47 +39,6 @@ class RunConfig:
 
     def validate(self, path: str) -> None:
         check_seeds(path, "seed", [self.seed])
-
-
-MAX_FLOW_SHIFT = 20.0
-"""The largest flow shift a config takes: flow-matching video models use 3 to 17."""
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    family: str = "wan"
-    """Model plugin, by registry name."""
-    preset: str | None = None
-    """In-code architecture with random weights (`tiny`, `wan2.1-1.3b`); exclusive with `path`."""
-    path: str | None = None
-    """A diffusers model folder (a local path) or a hub model written `hub:<org>/<name>`, for `from_pretrained`."""
-    pixel_space: bool = False
-    """Train on pixels with no VAE (the shapes world); otherwise on VAE latents."""
-    flow_shift: float = 3.0
-    """Flow-matching timestep shift of the noise scheduler, in (0, 20] (Wan uses 3 at 480p, 5 at 720p)."""
-    max_text_length: int = 512
-    """Token length that prompt embeddings are padded to."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass of trainable transformers."""
-    init_seed: int = 0
-    """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
-
-    def validate(self, path: str) -> None:
-        if (self.preset is None) == (self.path is None):
-            raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
-        positive(self, path, "flow_shift", "max_text_length")
-        check_seeds(path, "init_seed", [self.init_seed])
-        if self.flow_shift > MAX_FLOW_SHIFT:
-            raise ConfigError(f"{path}.flow_shift: must be at most {MAX_FLOW_SHIFT}, got {self.flow_shift}")
-        if self.path is not None:
-            if self.path.startswith("s3://"):
-                raise ConfigError(f"{path}.path: a model is loaded from a local folder or hub:<id>, not from s3://")
-            check_weights_source(self.path, f"{path}.path")
-
-    @property
-    def pretrained(self) -> str | None:
-        """What `from_pretrained` takes: the folder, or the hub id without its `hub:`."""
-        return hub_id(self.path) or self.path
 
 
 @dataclass(kw_only=True)

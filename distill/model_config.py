@@ -1,0 +1,52 @@
+"""The `model` section of the run config: the plugin, its weights, and how its denoisers run.
+
+A section of `distill.config.Config`, in a module of its own; loading it imports no model library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill.errors import ConfigError
+from distill.locations import check_weights_source, hub_id
+from distill.strict import check_seeds, positive
+
+MAX_FLOW_SHIFT = 20.0
+"""The largest flow shift a config takes: flow-matching video models use 3 to 17."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str = "wan"
+    """Model plugin, by registry name."""
+    preset: str | None = None
+    """In-code architecture with random weights (`tiny`, `wan2.1-1.3b`); exclusive with `path`."""
+    path: str | None = None
+    """A diffusers model folder (a local path) or a hub model written `hub:<org>/<name>`, for `from_pretrained`."""
+    pixel_space: bool = False
+    """Train on pixels with no VAE (the shapes world); otherwise on VAE latents."""
+    flow_shift: float = 3.0
+    """Flow-matching timestep shift of the noise scheduler, in (0, 20] (Wan uses 3 at 480p, 5 at 720p)."""
+    max_text_length: int = 512
+    """Token length that prompt embeddings are padded to."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of trainable transformers."""
+    init_seed: int = 0
+    """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
+
+    def validate(self, path: str) -> None:
+        if (self.preset is None) == (self.path is None):
+            raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
+        positive(self, path, "flow_shift", "max_text_length")
+        check_seeds(path, "init_seed", [self.init_seed])
+        if self.flow_shift > MAX_FLOW_SHIFT:
+            raise ConfigError(f"{path}.flow_shift: must be at most {MAX_FLOW_SHIFT}, got {self.flow_shift}")
+        if self.path is not None:
+            if self.path.startswith("s3://"):
+                raise ConfigError(f"{path}.path: a model is loaded from a local folder or hub:<id>, not from s3://")
+            check_weights_source(self.path, f"{path}.path")
+
+    @property
+    def pretrained(self) -> str | None:
+        """What `from_pretrained` takes: the folder, or the hub id without its `hub:`."""
+        return hub_id(self.path) or self.path
