@@ -305,7 +305,9 @@ def build_config(raw: dict) -> Config:
     cfg = build_section(Config, raw, "")
     spec = registry.get_method(cfg.method, key="method")
     cfg.method_config = build_section(spec.config_cls, method_raw, "method_config")
-    registry.model_spec(cfg.model.family, key="model.family").check_preset(cfg.model.preset)
+    family = registry.model_spec(cfg.model.family, key="model.family")
+    family.check_preset(cfg.model.preset)
+    family.check_attention_backend(cfg.model.attention_backend)
     spec.cls.check_config(cfg)
     for name, role in cfg.roles.items():  # after the method's roles: a missing role is named as such first
         if role.init_from is not None:

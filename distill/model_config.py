@@ -1,4 +1,4 @@
-"""The `model` section of the run config: the plugin, its weights, and how its denoisers run.
+"""The `model` section of the run config: the plugin, its weights, and how its denoisers run (memory and speed).
 
 A section of `distill.config.Config`, in a module of its own; loading it imports no model library.
 """
@@ -6,6 +6,7 @@ A section of `distill.config.Config`, in a module of its own; loading it imports
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from distill.errors import ConfigError
 from distill.locations import check_weights_source, hub_id
@@ -13,6 +14,8 @@ from distill.strict import check_seeds, positive
 
 MAX_FLOW_SHIFT = 20.0
 """The largest flow shift a config takes: flow-matching video models use 3 to 17."""
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass(kw_only=True)
@@ -31,13 +34,23 @@ class ModelConfig:
     """Token length that prompt embeddings are padded to."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass of trainable transformers."""
+    checkpoint_every: int = 1
+    """With gradient_checkpointing: recompute blocks 0, n, 2n, ... only (1 = all); the rest keep their activations."""
+    attention_backend: str | None = None
+    """diffusers attention backend of every role's transformer (native, _native_cudnn, flash, ...); unset = default."""
+    compile: bool = False
+    """torch.compile every transformer block of every role (diffusers' regional compile_repeated_blocks)."""
+    compile_mode: CompileMode | None = None
+    """torch.compile mode of the blocks (inductor's); unset = torch's default."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of the blocks (inductor; aot_eager or eager to debug)."""
     init_seed: int = 0
     """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
 
     def validate(self, path: str) -> None:
         if (self.preset is None) == (self.path is None):
             raise ConfigError(f"{path}: set exactly one of {path}.preset and {path}.path")
-        positive(self, path, "flow_shift", "max_text_length")
+        positive(self, path, "flow_shift", "max_text_length", "checkpoint_every")
         check_seeds(path, "init_seed", [self.init_seed])
         if self.flow_shift > MAX_FLOW_SHIFT:
             raise ConfigError(f"{path}.flow_shift: must be at most {MAX_FLOW_SHIFT}, got {self.flow_shift}")
@@ -45,6 +58,20 @@ class ModelConfig:
             if self.path.startswith("s3://"):
                 raise ConfigError(f"{path}.path: a model is loaded from a local folder or hub:<id>, not from s3://")
             check_weights_source(self.path, f"{path}.path")
+        self._check_speed_settings(path)
+
+    def _check_speed_settings(self, path: str) -> None:
+        """A setting that a switch left off would ignore is refused rather than silently dropped."""
+        if self.checkpoint_every != 1 and not self.gradient_checkpointing:
+            raise ConfigError(f"{path}.checkpoint_every: only means something with {path}.gradient_checkpointing: "
+                              f"true (got {self.checkpoint_every} with gradient checkpointing off)")
+        if not self.compile:
+            for key, unset in (("compile_mode", None), ("compile_backend", "inductor")):
+                if getattr(self, key) != unset:
+                    raise ConfigError(f"{path}.{key}: only means something with {path}.compile: true")
+        if self.compile_mode is not None and self.compile_backend != "inductor":
+            raise ConfigError(f"{path}.compile_mode: the modes are inductor's; with compile_backend "
+                              f"{self.compile_backend!r} leave it unset")
 
     @property
     def pretrained(self) -> str | None:

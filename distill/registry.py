@@ -35,6 +35,8 @@ class ModelSpec:
     presets: tuple[str, ...] | None = None
     """Names of the family's in-code presets (`model.preset`), checked when a config loads; None = the
     plugin checks them when it is built."""
+    attention_backends: tuple[str, ...] = ()
+    """Names `model.attention_backend` takes, checked when a config loads; empty = the family has no choice."""
 
     def load(self) -> type:
         if isinstance(self.target, type):
@@ -52,6 +54,11 @@ class ModelSpec:
     def check_preset(self, preset: str | None, key: str = "model.preset") -> None:
         if preset is not None and self.presets is not None and preset not in self.presets:
             raise ConfigError(f"{key}: unknown preset {preset!r} of family {self.name!r}; known: {', '.join(self.presets)}")
+
+    def check_attention_backend(self, name: str | None, key: str = "model.attention_backend") -> None:
+        if name is not None and name not in self.attention_backends:
+            known = ", ".join(self.attention_backends) or "none (the family has no choice of attention)"
+            raise ConfigError(f"{key}: unknown attention backend {name!r} of family {self.name!r}; known: {known}")
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -72,7 +79,7 @@ def register_method(name: str, config_cls: type):
 
 
 def register_model(name: str, target: str | None = None, *, num_train_timesteps: int | None = None,
-                   presets: tuple[str, ...] | None = None):
+                   presets: tuple[str, ...] | None = None, attention_backends: tuple[str, ...] = ()):
     """Make a model plugin available as `model.family: <name>`.
 
     As a class decorator (`@register_model("points")`), or as a line naming the class by path
@@ -82,7 +89,7 @@ def register_model(name: str, target: str | None = None, *, num_train_timesteps:
     def add(spec_target: type | str, timesteps: int, names: tuple[str, ...] | None) -> None:
         if name in _MODELS:
             raise ValueError(f"model family {name!r} is registered twice")
-        _MODELS[name] = ModelSpec(name, spec_target, timesteps, names)
+        _MODELS[name] = ModelSpec(name, spec_target, timesteps, names, tuple(attention_backends))
 
     if target is not None:
         if num_train_timesteps is None:

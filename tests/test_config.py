@@ -165,6 +165,20 @@ def test_boundary_values_are_accepted():
     assert cfg.method_config.generator_update_interval == 1
 
 
+def test_the_model_speed_settings_are_accepted_and_default_to_today_s_behaviour():
+    default = build_config(base_raw()).model
+    assert (default.checkpoint_every, default.attention_backend, default.compile) == (1, None, False)
+    assert (default.compile_mode, default.compile_backend) == (None, "inductor")
+    model = build_config(with_changes(
+        ("model.gradient_checkpointing", True), ("model.checkpoint_every", 3), ("model.attention_backend", "_native_cudnn"),
+        ("model.compile", True), ("model.compile_mode", "max-autotune-no-cudagraphs"),
+    )).model
+    assert (model.checkpoint_every, model.attention_backend, model.compile_mode) == (3, "_native_cudnn",
+                                                                                    "max-autotune-no-cudagraphs")
+    model = build_config(with_changes(("model.compile", True), ("model.compile_backend", "aot_eager"))).model
+    assert model.compile and model.compile_backend == "aot_eager" and model.compile_mode is None
+
+
 def test_method_config_defaults_when_omitted():
     cfg = build_config(with_changes(("method_config", DELETE)))
     assert cfg.method_config == DMD2Config()
