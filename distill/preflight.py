@@ -77,14 +77,21 @@ def _normal(location: str) -> str:
 
 
 def check_runtime(cfg: Config) -> None:
-    """The device asked for is there, its precision runs on it, and validation can write its videos."""
-    tr = cfg.training
+    """The device asked for is there, its precision runs on it, the model's attention backend and compiler run
+    there, and validation can write its videos."""
+    tr, m = cfg.training, cfg.model
     if tr.device == "cuda" or tr.mixed_precision == "bf16":  # only these can fail: import torch for them alone
         from distill.device import resolve_device
 
         device = resolve_device(cfg)  # cuda asked for and not there: an error
         if tr.mixed_precision == "bf16" and device.type == "cpu":
             raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
+    if m.attention_backend is not None or m.compile:  # only these need the model library
+        from distill import registry
+        from distill.device import resolve_device
+
+        trains = any(role.trainable for role in cfg.roles.values())
+        registry.get_model(m.family).check_runtime(cfg, resolve_device(cfg), backward=trains)
     if cfg.validation.every:
         from distill.video import check_video_format
 

@@ -225,3 +225,178 @@ def test_block_features_stop_after_the_last_chosen_block_and_match_a_full_forwar
     assert len(second_block) == 1 and torch.equal(early, full[0])
     early.pow(2).sum().backward()
     assert x_t.grad is not None and x_t.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Speed settings of the model section (issue 14): same numbers, same state dict
+# ---------------------------------------------------------------------------------------
+
+
+def velocity_and_grads(plugin, handle, seed: int = 0):
+    """The role's conditional velocity at a fixed input, and (for a trainable role) its weights' gradients
+    of a loss on it."""
+    g = torch.Generator().manual_seed(seed)
+    batch = plugin.prepare_batch({"prompt": ["a red circle moving left"]}, latents_source="zeros")
+    x_t, t = torch.randn(1, *plugin.latent_shape, generator=g), torch.tensor([700.0])
+    v = plugin.predict_velocity(handle, x_t, t, batch, conditional=True)
+    if not handle.trainable:
+        return v, []
+    module = handle.modules["transformer"]
+    module.zero_grad()
+    v.pow(2).mean().backward()
+    return v.detach(), [p.grad.clone() for p in module.parameters()]
+
+
+def test_checkpoint_every_recomputes_only_every_nth_block_with_the_same_gradients(run_dir):
+    """4 blocks: checkpoint_every 3 recomputes blocks 0 and 3 in the backward; outputs, gradients and
+    state-dict keys are those of no checkpointing."""
+    calls, results = {}, {}
+    for label, model in (("off", {}), ("every", {"gradient_checkpointing": True}),
+                         ("every-3", {"gradient_checkpointing": True, "checkpoint_every": 3})):
+        cfg = tiny_config(run_dir, model={"preset": "small", **model})
+        plugin, roles = plugin_and_roles(cfg)
+        student = roles["student"]
+        blocks = student.modules["transformer"].blocks
+        counts = [0] * len(blocks)
+        hooks = [b.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+                 for i, b in enumerate(blocks)]
+        results[label] = velocity_and_grads(plugin, student)
+        for h in hooks:
+            h.remove()
+        calls[label] = counts
+        assert not roles["teacher"].modules["transformer"].gradient_checkpointing  # a frozen role never recomputes
+        keys = list(student.modules["transformer"].state_dict())
+        assert keys == list(roles["teacher"].modules["transformer"].state_dict())
+    assert calls == {"off": [1, 1, 1, 1], "every": [2, 2, 2, 2], "every-3": [2, 1, 1, 2]}
+    for label in ("every", "every-3"):
+        torch.testing.assert_close(results[label][0], results["off"][0], rtol=0, atol=1e-6)
+        for got, want in zip(results[label][1], results["off"][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_the_speed_settings_train_dmd2_to_the_same_losses(tmp_path):
+    """Checkpointing every block or every other one, and compiled blocks (through DeepSpeed engines, a
+    frozen teacher, no-grad rollouts) give the losses of none of them."""
+    from distill.training.trainer import Trainer
+
+    def losses(name, **model):
+        cfg = tiny_config(tmp_path / name, model=model, training={"max_steps": 3},
+                          method_config={"generator_update_interval": 2})
+        return torch.tensor([[h["critic_loss"], h.get("generator_loss", 0.0)] for h in Trainer(cfg).train()])
+
+    from torch._dynamo.utils import counters
+
+    off = losses("off")
+    graphs = counters["stats"]["unique_graphs"]
+    for name, model in (("every", {"gradient_checkpointing": True}),
+                        ("every-2", {"gradient_checkpointing": True, "checkpoint_every": 2}),
+                        ("compiled", {"gradient_checkpointing": True, "checkpoint_every": 2, "compile": True,
+                                      "compile_backend": "eager"})):
+        torch.testing.assert_close(losses(name, **model), off, rtol=0, atol=1e-5, msg=name)
+    assert counters["stats"]["unique_graphs"] > graphs  # the blocks did compile
+
+
+def test_the_attention_backend_names_are_diffusers_own():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from distill.models import DIFFUSERS_ATTENTION_BACKENDS
+
+    assert sorted(DIFFUSERS_ATTENTION_BACKENDS) == sorted(b.value for b in AttentionBackendName)
+
+
+@pytest.fixture
+def attention_default():
+    """set_attention_backend also makes its backend diffusers' process-wide default: restore it after the test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+def attention_backends(module) -> set:
+    return {m.processor._attention_backend for m in module.modules() if hasattr(getattr(m, "processor", None),
+                                                                                  "_attention_backend")}
+
+
+def test_the_attention_backend_reaches_every_role_and_native_equals_the_default(run_dir, attention_default):
+    plugin, roles = plugin_and_roles(tiny_config(run_dir))
+    default = {name: velocity_and_grads(plugin, roles[name]) for name in ("teacher", "student")}
+    assert attention_backends(roles["student"].modules["transformer"]) == {None}
+    for backend, atol in (("native", 0.0), ("_native_math", 1e-5)):
+        plugin, roles = plugin_and_roles(tiny_config(run_dir, model={"attention_backend": backend}))
+        for name in ("teacher", "student", "critic"):
+            assert {str(b.value) for b in attention_backends(roles[name].modules["transformer"])} == {backend}
+        for name, (v, grads) in default.items():
+            got_v, got_grads = velocity_and_grads(plugin, roles[name])
+            torch.testing.assert_close(got_v, v, rtol=0, atol=atol)
+            for got, want in zip(got_grads, grads, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=atol)
+        sampled = plugin.frozen_role("student", {"transformer": plugin.new_denoiser()})  # a checkpoint's, in the bench
+        assert {str(b.value) for b in attention_backends(sampled.modules["transformer"])} == {backend}
+
+
+def test_compiled_blocks_give_the_same_outputs_and_gradients_and_keep_the_state_dict(run_dir):
+    plain_plugin, plain = plugin_and_roles(tiny_config(run_dir))
+    plugin, roles = plugin_and_roles(tiny_config(run_dir, model={"compile": True, "compile_backend": "aot_eager"}))
+    sampled = plugin.frozen_role("student", {"transformer": plugin.new_denoiser()})  # a checkpoint's, in the bench
+    for handle in (*roles, sampled):
+        module = handle.modules["transformer"]
+        assert all(block._compiled_call_impl is not None for block in module.blocks), handle.name
+        assert list(module.state_dict()) == list(plain["teacher"].modules["transformer"].state_dict())
+    want_v, want_grads = velocity_and_grads(plain_plugin, plain["student"])
+    v, grads = velocity_and_grads(plugin, roles["student"])
+    torch.testing.assert_close(v, want_v, rtol=0, atol=1e-5)
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def cuda_or_module(module: str) -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() or importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["model.attention_backend=flash"], ["'flash' does not run here (cpu, float32, with backward)", "flash-attn"]),
+    (["model.attention_backend=_native_cudnn"], ["'_native_cudnn' does not run here (cpu"]),
+    (["model.compile=true", "model.compile_backend=nope"], ["model.compile_backend", "'nope'", "aot_eager", "inductor"]),
+], ids=["package-missing", "needs-cuda", "unknown-compiler"])
+def test_check_config_and_train_refuse_what_cannot_run_here_before_building_models(tmp_path, capsys, monkeypatch,
+                                                                                   sets, expected):
+    import yaml
+
+    from distill.cli import main
+    from tiny import tiny_raw
+
+    if cuda_or_module("flash_attn"):
+        pytest.skip("the backends refused here may run on this machine")
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model plugin was built before the error")
+
+    monkeypatch.setattr(WanPlugin, "__init__", built)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path / "run")))
+    for command in ("check-config", "train"):
+        assert main([command, str(config), *(a for s in sets for a in ("--set", s))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("distill: config error: "), err
+        assert all(text in err for text in expected), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_config_passes_backends_and_compilers_that_run_here(tmp_path, capsys):
+    import yaml
+
+    from distill.cli import main
+    from tiny import tiny_raw
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path / "run")))
+    sets = ["model.attention_backend=_native_math", "model.compile=true", "model.compile_backend=aot_eager",
+            "model.gradient_checkpointing=true", "model.checkpoint_every=2"]
+    assert main(["check-config", str(config), *(a for s in sets for a in ("--set", s))]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert (model["attention_backend"], model["compile_backend"], model["checkpoint_every"]) == ("_native_math",
+                                                                                                  "aot_eager", 2)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from distill.adapter import Batch, LatentsSource
@@ -48,6 +49,7 @@ class ModelPlugin(ABC):
         self.device = torch.device(device)
         self.frozen_dtype = frozen_dtype
         """dtype of frozen roles and components (bf16 on GPU)."""
+        self.check_runtime(cfg, self.device, backward=False)
 
     # -- building roles --------------------------------------------------------------------
 
@@ -93,10 +95,9 @@ class ModelPlugin(ABC):
             module = modules[name].to(self.device)
             if role.trainable:
                 module.train().requires_grad_(True)
-                if self.cfg.model.gradient_checkpointing:
-                    module.enable_gradient_checkpointing()
             else:
                 cast_role(module.eval().requires_grad_(False), self.frozen_dtype)
+            self.set_up_denoiser(module, trainable=role.trainable)
             handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
         return RoleManager(handles)
 
@@ -104,7 +105,51 @@ class ModelPlugin(ABC):
         """A frozen handle around modules (e.g. a checkpoint's exported student, for sampling)."""
         for module in modules.values():
             cast_role(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
+        if self.denoiser_key in modules:
+            self.set_up_denoiser(modules[self.denoiser_key], trainable=False)
         return RoleHandle(name=name, modules=dict(modules), trainable=False)
+
+    def set_up_denoiser(self, module: nn.Module, *, trainable: bool) -> None:
+        """Apply the model section's speed settings to a role's denoiser, in place (its state-dict keys stay):
+        activation checkpointing when it trains, the attention backend, regional compilation. Through the
+        methods of diffusers' ModelMixin; a family of other models overrides it."""
+        m = self.cfg.model
+        if trainable and m.gradient_checkpointing:
+            if m.checkpoint_every == 1:
+                module.enable_gradient_checkpointing()
+            else:
+                for i, block in enumerate(self.denoiser_blocks(module)):
+                    block._recompute = i % m.checkpoint_every == 0
+                module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_marked_blocks)
+        if m.attention_backend is not None:
+            module.set_attention_backend(m.attention_backend)
+        if m.compile:
+            import torch._dynamo
+
+            # Every role and mode (with or without grad, train or eval, a bf16 teacher, another video size) is one
+            # more graph of the same block code; past dynamo's default limit of 8 the blocks silently run eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            module.compile_repeated_blocks(mode=m.compile_mode, backend=m.compile_backend)
+
+    @classmethod
+    def check_runtime(cls, cfg: Config, device: torch.device, *, backward: bool) -> None:
+        """Checks of the model section that need the device or optional packages, made before any model is built
+        (preflight, and a plugin being built): a ConfigError naming the key. `backward`: roles will train."""
+        m = cfg.model
+        if m.compile:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())  # with the debug ones: eager, aot_eager
+            if m.compile_backend not in known:
+                usable = [name for name in known if "TESTING" not in name and "minifier" not in name]
+                raise ConfigError(f"model.compile_backend: unknown torch.compile backend {m.compile_backend!r}; "
+                                  f"known: {', '.join(usable)}")
+            if m.compile_backend == "inductor" and device.type == "cuda":
+                from torch.utils._triton import has_triton
+
+                if not has_triton():
+                    raise ConfigError("model.compile_backend: inductor compiles for the GPU with triton, which is "
+                                      "not installed; install it or leave model.compile off")
 
     # -- data ------------------------------------------------------------------------------
 
@@ -214,6 +259,15 @@ class _FeaturesTaken(Exception):
 def _partitions_weights(handle: RoleHandle) -> bool:
     engine = handle.engine
     return engine is not None and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
+
+
+def checkpoint_marked_blocks(block: nn.Module, *args):
+    """diffusers' `gradient_checkpointing_func` when only some blocks recompute (`model.checkpoint_every` > 1):
+    a block marked `_recompute` is checkpointed as diffusers' default does it (non-reentrant); the others run
+    plainly and keep their activations for the backward."""
+    if getattr(block, "_recompute", True):
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+    return block(*args)
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -103,6 +103,14 @@ class WanPlugin(FlowMatchFamily):
         self.latents_key = "pixels" if m.pixel_space else "vae_latent"
         self.latent_shape = self.video_latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width, key="data")
 
+    @classmethod
+    def check_runtime(cls, cfg: Config, device: torch.device, *, backward: bool) -> None:
+        super().check_runtime(cfg, device, backward=backward)
+        if cfg.model.attention_backend is not None:
+            bf16 = device.type == "cuda" and cfg.training.mixed_precision != "fp32"
+            check_attention_backend(cfg.model.attention_backend, device, torch.bfloat16 if bf16 else torch.float32,
+                                    backward=backward)
+
     # -- building --------------------------------------------------------------------------
 
     def _preset(self, part: str) -> dict:
@@ -303,3 +311,29 @@ class WanPlugin(FlowMatchFamily):
             "negative_prompt": self.cfg.data.negative_prompt,
         }
 
+
+def check_attention_backend(name: str, device: torch.device, dtype: torch.dtype, *, backward: bool) -> None:
+    """A ConfigError naming model.attention_backend unless the backend runs here: its package is there (a Hub
+    kernel is fetched, as set_attention_backend would), and a tiny attention call in `dtype` goes through it,
+    and its backward when roles train (some kernels only infer)."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+        _maybe_download_kernel_for_backend,
+        dispatch_attention_fn,
+    )
+
+    backend = AttentionBackendName(name)
+    try:
+        _check_attention_backend_requirements(backend)
+        _maybe_download_kernel_for_backend(backend)
+        # (batch, tokens, heads, head dim), as Wan's attention processor calls it
+        q = torch.randn(1, 16, 2, 64, device=device, dtype=dtype, requires_grad=backward)
+        out = dispatch_attention_fn(q, q, q, backend=backend)
+        if backward:
+            out.float().sum().backward()
+    except Exception as err:  # whatever stops the backend here would stop the run mid-build or at its first step
+        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        what = f"{device.type}, {str(dtype).removeprefix('torch.')}{', with backward' if backward else ''}"
+        raise ConfigError(f"model.attention_backend: {name!r} does not run here ({what}): {reason}; "
+                          f"unset it for diffusers' default (native)") from None
