@@ -72,23 +72,36 @@ def forward_flops(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
     return counter.get_total_flops()
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (model.compile: a block's graph per role and mode)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def measure(trainer, iterations: int, warmup: int = 2) -> dict:
-    """Run `warmup` + `iterations` iterations of `trainer`; return throughput figures."""
+    """Run `warmup` + `iterations` iterations of `trainer`; return throughput figures. A timed row that
+    compiled graphs (`compiled_graphs` > 0) includes compile time: give more warm-up iterations."""
     device = trainer.device
     counter = CallCounter(trainer.roles)
-    rows = []
+    rows, warmup_seconds = [], []
     try:
         for i in range(warmup + iterations):
             counter.calls.clear()
             if device.type == "cuda" and i == warmup:
                 torch.cuda.reset_peak_memory_stats(device)
             kind = trainer.method.iteration_kind(trainer.iteration)
+            graphs = compiled_graphs()
             _sync(device)
             start = time.perf_counter()
             trainer.train_iteration()
             _sync(device)
-            if i >= warmup:
-                rows.append({"seconds": time.perf_counter() - start, "kind": kind, "calls": list(counter.calls)})
+            seconds = time.perf_counter() - start
+            if i < warmup:
+                warmup_seconds.append(seconds)
+            else:
+                rows.append({"seconds": seconds, "kind": kind, "calls": list(counter.calls),
+                             "compiled_graphs": compiled_graphs() - graphs})
         flops = {name: forward_flops(*example) for name, example in counter.examples.items()}
     finally:
         counter.remove()
@@ -119,6 +132,7 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
         "mfu": sum(r["model_flops"] for r in rows) / sum(r["seconds"] for r in rows) / peak,
         **{f"{kind}_mfu": median("mfu", kind) for kind in kinds},
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "warmup_seconds": warmup_seconds,
         "rows": rows,
     }
 
