@@ -57,3 +57,10 @@ def endpoint_url(text: str) -> str:
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--endpoint-url: ")) from None
     return text
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable) into `overrides`: config keys overridden as `distill train --set` does
+    (see `distill.config.apply_overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distill.arguments import Parser, at_least, endpoint_url, number_in
+from distill.arguments import Parser, add_overrides, at_least, endpoint_url, number_in
 from distill.config import ConfigError, load_config
 from distill.errors import InputError
 from distill.validation import MAX_GUIDANCE_SCALE
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a run from a YAML config")
     train.add_argument("config", help="run config (YAML)")
-    _overrides(train)
+    add_overrides(train)
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from the run's latest checkpoint, or from the one named (step-000500)")
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="with --resume of an older checkpoint: drop the run's newer checkpoints (refused otherwise)")
     prep = sub.add_parser("preprocess", help="encode data.videos (or prompts) into the shards of data.shards")
     prep.add_argument("config", help="run config (YAML): its model and data sections")
-    _overrides(prep)
+    add_overrides(prep)
     exp = sub.add_parser("export", help="write a checkpoint's student as a stock diffusers WanPipeline folder")
     exp.add_argument("checkpoint", help="a checkpoint folder: path or s3://bucket/run/checkpoints/step-000500 "
                                         "(or <output>/checkpoints/latest)")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="load and check a config and the inputs it names, as train does "
                                                 "before building models; print the resolved config")
     check.add_argument("config")
-    _overrides(check)
+    add_overrides(check)
     return parser
 
 
@@ -92,11 +92,6 @@ def metric_spec(text: str) -> str:
     except InputError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--metric ")) from None
     return text
-
-
-def _overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:

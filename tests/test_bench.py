@@ -225,3 +225,46 @@ def test_training_throughput_of_a_config(tmp_path, capsys):
     assert result["student_update_seconds"] > 0 and result["critic_only_seconds"] > 0
     assert [r["kind"] for r in result["rows"]] == ["student_update", "critic_only"] * 2
     assert "Self CPU time total" in printed
+
+
+TINY_WAN = ["--preset", "tiny", "--frames", "5", "--height", "16", "--width", "16"]
+
+
+def test_the_dmd2_step_bench_takes_config_overrides_and_records_them(tmp_path, capsys):
+    """`python -m distill.bench.dmd2_step --set KEY=VALUE`: one lever at a time, recorded in the output."""
+    from distill.bench.dmd2_step import main as step_main
+
+    sets = ["model.checkpoint_every=2", "model.attention_backend=native", "method_config.generator_update_interval=2"]
+    step_main([*TINY_WAN, "--text-length", "16", "--text-dim", "32", "--iterations", "3", "--warmup", "1",
+               "--zero-stage", "1", "--output", str(tmp_path / "run"), "--json", str(tmp_path / "step.json"),
+               *(a for s in sets for a in ("--set", s))])
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert result["overrides"] == sets
+    assert result["model"]["checkpoint_every"] == 2 and result["model"]["attention_backend"] == "native"
+    assert result["activation_checkpointing"] is True and len(result["warmup_seconds"]) == 1
+    assert [r["kind"] for r in result["rows"]] == ["critic_only", "student_update"]
+    assert all(r["compiled_graphs"] == 0 for r in result["rows"])  # nothing compiles without model.compile
+    # The next lever, measured in the same folder.
+    step_main([*TINY_WAN, "--text-length", "16", "--text-dim", "32", "--iterations", "2", "--warmup", "1",
+               "--zero-stage", "1", "--output", str(tmp_path / "run"), "--json", str(tmp_path / "step.json"),
+               "--set", "model.gradient_checkpointing=false"])
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert result["activation_checkpointing"] is False and result["overrides"] == ["model.gradient_checkpointing=false"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        step_main([*TINY_WAN, "--output", str(tmp_path / "bad"), "--set", "model.checkpoint_every=0"])
+    assert exit_.value.code == 2 and "model.checkpoint_every: must be > 0" in capsys.readouterr().err
+
+
+def test_the_latency_bench_takes_config_overrides_and_records_them(tmp_path, capsys):
+    from distill.bench.wan_latency import main as latency_main
+
+    sets = ["model.max_text_length=16", "model.attention_backend=native"]
+    result = latency_main([*TINY_WAN, "--teacher-steps", "2", "--repeats", "1", "--json", str(tmp_path / "l.json"),
+                           *(a for s in sets for a in ("--set", s))])
+    assert json.loads((tmp_path / "l.json").read_text())["overrides"] == sets
+    assert result["model"]["attention_backend"] == "native" and result["model"]["max_text_length"] == 16
+    assert result["first_forward_seconds"] > 0 and result["student"]["nfe"] == 4
+    with pytest.raises(SystemExit) as exit_:
+        latency_main([*TINY_WAN, "--set", "model.attention_backend=flash3"])
+    assert exit_.value.code == 2 and "model.attention_backend: unknown attention backend 'flash3'" in capsys.readouterr().err

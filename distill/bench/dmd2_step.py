@@ -1,25 +1,29 @@
 """Benchmark: one DMD2 iteration with three Wan roles, timed by kind (student-update vs critic-only).
 
     python -m distill.bench.dmd2_step --preset wan2.1-1.3b --frames 81 --height 480 --width 832
+    python -m distill.bench.dmd2_step --set model.compile=true --warmup 4   # one lever of issue 14
 
 Builds teacher (frozen, bf16), student and critic (ZeRO-2 bf16 DeepSpeed engines, activation
 checkpointing) from an in-code preset with random weights, feeds random text embeddings
 (no text encoder needed), runs the real Trainer iterations, and prints seconds per
 iteration of each kind (median after warm-up), model FLOPs utilisation against a bf16 matmul
-peak measured in the same run, and the peak GPU memory. Prints numbers; asserts nothing.
+peak measured in the same run, and the peak GPU memory. `--set KEY=VALUE` overrides any key of
+the config it builds, as `distill train --set` does; the overrides and the resolved model section
+are in the output. Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 from torch.utils.data import Dataset
 
+from distill.arguments import Parser, add_overrides, at_least
 from distill.bench.inference import card, versions
-from distill.config import build_config
+from distill.config import apply_overrides, build_config, to_dict
+from distill.errors import InputError
 
 
 class RandomEmbeddings(Dataset):
@@ -67,14 +71,16 @@ def bench_config(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m distill.bench.dmd2_step", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="wan2.1-1.3b")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--text-length", type=int, default=512)
     p.add_argument("--text-dim", type=int, default=4096)
-    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--iterations", type=int, default=12, help="iterations in all, warm-up included")
+    p.add_argument("--warmup", type=at_least(1), default=2,
+                   help="untimed iterations first (with model.compile, enough to compile every role and mode)")
     p.add_argument("--interval", type=int, default=5)
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--no-checkpointing", action="store_true")
@@ -82,12 +88,14 @@ def main(argv=None) -> dict:
     p.add_argument("--ema", action="store_true", help="with an EMA of the student")
     p.add_argument("--output", default="runs/bench-dmd2-step")
     p.add_argument("--json", default=None, help="also write the result here")
+    add_overrides(p)
     args = p.parse_args(argv)
+    if args.iterations <= args.warmup:
+        p.error(f"--iterations ({args.iterations}) must exceed --warmup ({args.warmup})")
 
     from distill.bench.training import measure
     from distill.training.trainer import Trainer
 
-    cfg = build_config(bench_config(args))
     t0 = time.perf_counter()
     latent_shape = None
     if args.gan:  # the Wan VAE's latent grid of this video size (time stride 4, space 8)
@@ -95,9 +103,15 @@ def main(argv=None) -> dict:
 
         channels = PRESETS[args.preset]["vae"].get("z_dim", 16)
         latent_shape = (channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    trainer = Trainer(cfg, dataset=RandomEmbeddings(4, args.text_length, args.text_dim, latent_shape=latent_shape))
+    try:
+        cfg = build_config(apply_overrides(bench_config(args), args.overrides))
+        # overwrite: the bench's folder holds nothing worth keeping, and the next lever measured goes there too
+        trainer = Trainer(cfg, dataset=RandomEmbeddings(4, args.text_length, args.text_dim, latent_shape=latent_shape),
+                          overwrite=True)
+    except InputError as err:
+        p.exit(2, f"{p.prog}: error: {err}\n")
     build_seconds = time.perf_counter() - t0
-    figures = measure(trainer, iterations=args.iterations - 2, warmup=2)
+    figures = measure(trainer, iterations=args.iterations - args.warmup, warmup=args.warmup)
     for row in figures["rows"]:
         print(json.dumps(row), flush=True)
     result = {
@@ -106,7 +120,9 @@ def main(argv=None) -> dict:
         "shape": {"frames": args.frames, "height": args.height, "width": args.width, "batch": 1},
         "preset": args.preset,
         "zero_stage": args.zero_stage,
-        "activation_checkpointing": not args.no_checkpointing,
+        "activation_checkpointing": cfg.model.gradient_checkpointing,
+        "overrides": args.overrides,
+        "model": to_dict(cfg)["model"],
         "gan": args.gan,
         "ema": args.ema,
         "build_seconds": round(build_seconds, 2),

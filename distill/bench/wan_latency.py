@@ -6,20 +6,23 @@ Random weights (latency does not depend on them): one transformer serves both sa
 text embeddings are random, so UMT5-XXL is never built. Everything else is the product's own
 path: the Wan validator, WanPipeline, the bf16 VAE decode. Prints the median of one
 transformer forward, of a VAE decode, and of each sampler end to end and denoising alone,
-then the speed-ups and the student's denoising against k forwards. Asserts nothing.
+then the speed-ups and the student's denoising against k forwards. `--set KEY=VALUE` overrides any
+key of the config it builds (`--set model.attention_backend=_native_cudnn`), as `distill train
+--set` does; the overrides and the resolved model section are in the output. Asserts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
+from distill.arguments import Parser, add_overrides
 from distill.bench.inference import card, versions
-from distill.config import build_config
+from distill.config import apply_overrides, build_config, to_dict
+from distill.errors import InputError
 from distill.validation import SamplingSpec, ValidationRequest
 
 
@@ -41,7 +44,7 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m distill.bench.wan_latency", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="wan2.1-1.3b")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
@@ -51,21 +54,25 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    add_overrides(p)
     args = p.parse_args(argv)
 
     from distill import registry
 
     size = {"num_frames": args.frames, "height": args.height, "width": args.width}
-    cfg = build_config({
-        "model": {"family": "wan", "preset": args.preset, "flow_shift": 3.0},
-        "roles": {"teacher": {"trainable": False}, "student": {"init_from": "teacher", "trainable": True},
-                  "critic": {"init_from": "teacher", "trainable": True}},
-        "method": "dmd2", "method_config": {"dmd_denoising_steps": args.steps, "warp_denoising_step": True},
-        "data": {"prompts": ["a red panda eating bamboo"], **size},
-    })
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    plugin = registry.get_model("wan")(cfg, device=device, frozen_dtype=dtype)
+    try:
+        cfg = build_config(apply_overrides({
+            "model": {"family": "wan", "preset": args.preset, "flow_shift": 3.0},
+            "roles": {"teacher": {"trainable": False}, "student": {"init_from": "teacher", "trainable": True},
+                      "critic": {"init_from": "teacher", "trainable": True}},
+            "method": "dmd2", "method_config": {"dmd_denoising_steps": args.steps, "warp_denoising_step": True},
+            "data": {"prompts": ["a red panda eating bamboo"], **size},
+        }, args.overrides))
+        plugin = registry.get_model("wan")(cfg, device=device, frozen_dtype=dtype)
+    except InputError as err:
+        p.exit(2, f"{p.prog}: error: {err}\n")
     model = plugin.build_roles(["teacher"])["teacher"]
     text_dim = model.modules["transformer"].config.text_dim
     for prompt in ("a red panda eating bamboo", ""):  # random embeddings in place of UMT5-XXL
@@ -79,8 +86,12 @@ def main(argv=None) -> dict:
     embeds = plugin._embeds["a red panda eating bamboo"][None].to(dtype)
     transformer = model.modules["transformer"]
     with torch.no_grad():
-        forward = timed(lambda: transformer(hidden_states=x, timestep=torch.tensor([500.0], device=device),
-                                            encoder_hidden_states=embeds, return_dict=False), args.repeats)
+        def call():
+            return transformer(hidden_states=x, timestep=torch.tensor([500.0], device=device),
+                               encoder_hidden_states=embeds, return_dict=False)
+
+        first_forward = timed(call, repeats=1, warmup=0)  # with model.compile, the blocks compile in this call
+        forward = timed(call, args.repeats)
         decode = timed(lambda: plugin.vae.decode(x.to(plugin.vae.dtype), return_dict=False), args.repeats)
 
     validator = plugin.validator()
@@ -103,6 +114,7 @@ def main(argv=None) -> dict:
     result = {
         "card": card(device), "versions": versions(), "preset": args.preset, "size": size,
         "tokens": shape[1] * shape[2] * shape[3] // 4,
+        "overrides": args.overrides, "model": to_dict(cfg)["model"], "first_forward_seconds": first_forward,
         "forward_seconds": forward, "vae_decode_seconds": decode, "student": s, "teacher": t,
         "speedup_end_to_end": t["seconds"] / s["seconds"],
         "speedup_denoising": t["denoising_seconds"] / s["denoising_seconds"],
