@@ -275,25 +275,38 @@ def test_checkpoint_every_recomputes_only_every_nth_block_with_the_same_gradient
 
 
 def test_the_speed_settings_train_dmd2_to_the_same_losses(tmp_path):
-    """Checkpointing every block or every other one, and compiled blocks (through DeepSpeed engines, a
-    frozen teacher, no-grad rollouts) give the losses of none of them."""
+    """Checkpointing every block or every other one, and all the settings at once (compiled blocks, the
+    native attention backend) give the losses of none of them: through DeepSpeed engines, a frozen teacher,
+    no-grad rollouts, the GAN head's hooks on the critic's blocks, an EMA and a validation."""
+    from torch._dynamo.utils import counters
+
     from distill.training.trainer import Trainer
+    from tiny import LatentDataset
 
     def losses(name, **model):
         cfg = tiny_config(tmp_path / name, model=model, training={"max_steps": 3},
-                          method_config={"generator_update_interval": 2})
-        return torch.tensor([[h["critic_loss"], h.get("generator_loss", 0.0)] for h in Trainer(cfg).train()])
-
-    from torch._dynamo.utils import counters
+                          method_config={"generator_update_interval": 2, "gan_critic_weight": 0.01,
+                                         "gan_generator_weight": 0.005, "ema_decay": 0.9},
+                          validation={"every": 3, "seeds": [0], "video_format": "gif"},
+                          data={"shards": "unused: the test gives the data set"})
+        history = Trainer(cfg, dataset=LatentDataset("pixels", (3, 1, 16, 16))).train()
+        return torch.tensor([[h["critic_loss"], h.get("generator_loss", 0.0), h["d_fake"]] for h in history])
 
     off = losses("off")
     graphs = counters["stats"]["unique_graphs"]
     for name, model in (("every", {"gradient_checkpointing": True}),
                         ("every-2", {"gradient_checkpointing": True, "checkpoint_every": 2}),
-                        ("compiled", {"gradient_checkpointing": True, "checkpoint_every": 2, "compile": True,
-                                      "compile_backend": "eager"})):
+                        ("all", {"gradient_checkpointing": True, "checkpoint_every": 2, "attention_backend": "native",
+                                 "compile": True, "compile_backend": "eager"})):
         torch.testing.assert_close(losses(name, **model), off, rtol=0, atol=1e-5, msg=name)
     assert counters["stats"]["unique_graphs"] > graphs  # the blocks did compile
+
+
+def test_checking_an_attention_backend_draws_no_random_numbers(run_dir):
+    state = torch.random.get_rng_state()
+    WanPlugin.check_runtime(tiny_config(run_dir, model={"attention_backend": "native"}), torch.device("cpu"),
+                            backward=True)
+    assert torch.equal(torch.random.get_rng_state(), state)  # a checked run draws what an unchecked one does
 
 
 def test_the_attention_backend_names_are_diffusers_own():
