@@ -202,6 +202,24 @@ def test_resume_refusals_name_the_cause(run_dir):
     assert trainer.iteration == 2 and trainer.resumed_from == "step-000002"
 
 
+def test_how_the_model_runs_may_change_on_resume_and_a_checkpoint_may_predate_its_keys(tmp_path):
+    """model.gradient_checkpointing, checkpoint_every, attention_backend and compile* change how the model runs, not
+    what it computes: a resume may change them, and a checkpoint written before issue 14 lacks them."""
+    from distill.config import to_dict
+    from distill.training.checkpoint import _check_same_run
+
+    levers = {"gradient_checkpointing": True, "checkpoint_every": 2, "attention_backend": "native", "compile": True,
+              "compile_mode": "max-autotune", "compile_backend": "inductor"}
+    now = to_dict(tiny_config(tmp_path, model=levers))
+    saved = to_dict(tiny_config(tmp_path))
+    for key in levers:
+        del saved["model"][key]
+    _check_same_run(saved, now, "step-000002")
+    saved["model"]["flow_shift"] = 5.0
+    with pytest.raises(ConfigError, match="model.flow_shift: 3.0 now, 5.0 in the checkpoint step-000002"):
+        _check_same_run(saved, now, "step-000002")
+
+
 def test_a_checkpoint_of_an_older_layout_is_refused_before_any_model_is_built(run_dir, monkeypatch):
     from distill.run_layout import open_checkpoint
 

@@ -308,7 +308,10 @@ def _read_safetensors(folder: Path, where: str) -> dict:
 # Keys that may change between a checkpoint and its resumed run; any other difference is refused.
 _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_bar", "training.checkpoint_every",
                "training.keep_checkpoints", "training.keep_checkpoint_every", "validation", "storage", "run.output",
-               "run.name"}
+               "run.name",
+               # how the model runs, not what it computes (and absent from checkpoints written before them)
+               "model.gradient_checkpointing", "model.checkpoint_every", "model.attention_backend", "model.compile",
+               "model.compile_mode", "model.compile_backend"}
 
 
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
@@ -321,4 +324,5 @@ def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
             _check_same_run(a, b, where, dotted)
         elif a != b:
             raise ConfigError(f"{dotted}: {b!r} now, {a!r} in the checkpoint {where}; resuming needs the same "
-                              f"value (only max_steps, logging, checkpointing, validation and storage may change)")
+                              f"value (only max_steps, logging, checkpointing, validation, storage and how the model "
+                              f"runs may change)")
