@@ -225,3 +225,16 @@ def test_training_throughput_of_a_config(tmp_path, capsys):
     assert result["student_update_seconds"] > 0 and result["critic_only_seconds"] > 0
     assert [r["kind"] for r in result["rows"]] == ["student_update", "critic_only"] * 2
     assert "Self CPU time total" in printed
+
+
+def test_model_flops_count_a_batched_cfg_forward_as_two(tmp_path):
+    from distill.bench.training import measure
+
+    def row(batched):
+        cfg = tiny_config(tmp_path / str(batched), model={"batched_cfg": batched},
+                          method_config={"generator_update_interval": 1})
+        return measure(Trainer(cfg), iterations=1, warmup=0)["rows"][0]
+
+    batched, separate = row(True), row(False)
+    assert batched["calls_no_grad"] == separate["calls_no_grad"] - 1  # the teacher's two forwards in one
+    assert batched["model_flops"] == pytest.approx(separate["model_flops"], rel=1e-6)

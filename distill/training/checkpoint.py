@@ -305,10 +305,11 @@ def _read_safetensors(folder: Path, where: str) -> dict:
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
-# Keys that may change between a checkpoint and its resumed run; any other difference is refused.
+# Keys that may change between a checkpoint and its resumed run; any other difference is refused. Speed levers
+# that compute the same thing up to float rounding may change too (and a checkpoint from before them has none).
 _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_bar", "training.checkpoint_every",
                "training.keep_checkpoints", "training.keep_checkpoint_every", "validation", "storage", "run.output",
-               "run.name"}
+               "run.name", "model.batched_cfg"}
 
 
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
@@ -321,4 +322,5 @@ def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
             _check_same_run(a, b, where, dotted)
         elif a != b:
             raise ConfigError(f"{dotted}: {b!r} now, {a!r} in the checkpoint {where}; resuming needs the same "
-                              f"value (only max_steps, logging, checkpointing, validation and storage may change)")
+                              f"value (only max_steps, logging, checkpointing, validation, storage and speed levers "
+                              f"may change)")
