@@ -309,7 +309,7 @@ def _read_safetensors(folder: Path, where: str) -> dict:
 # that compute the same thing up to float rounding may change too (and a checkpoint from before them has none).
 _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_bar", "training.checkpoint_every",
                "training.keep_checkpoints", "training.keep_checkpoint_every", "validation", "storage", "run.output",
-               "run.name", "model.batched_cfg"}
+               "run.name", "model.batched_cfg", "training.optimizer_implementation"}
 
 
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
