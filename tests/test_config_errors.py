@@ -168,9 +168,9 @@ def test_the_role_error_is_a_config_error():
     assert "roles.teacher.trainable: false" in str(info.value)
 
 
-def test_fused_adamw_where_torch_has_none_is_refused_by_check_config(tmp_path, capsys, monkeypatch):
-    """check-config and train run the same preflight: a device without torch's fused AdamW (as CPU was before torch
-    2.4) stops the run naming the key, before a model is built."""
+def test_fused_adamw_where_torch_has_none_is_refused_before_any_model(tmp_path, capsys, monkeypatch):
+    """check-config and train run the same preflight: a device without torch's fused AdamW (as the CPU was before
+    torch 2.4) stops the run naming the key, before a model is built."""
     from distill import cli
 
     path = tmp_path / "fused.yaml"
@@ -179,6 +179,7 @@ def test_fused_adamw_where_torch_has_none_is_refused_by_check_config(tmp_path, c
     assert cli.main(["check-config", str(path)]) == 0  # torch 2.4+ fuses AdamW on CPU
     capsys.readouterr()
     monkeypatch.setattr("torch.utils._foreach_utils._get_fused_kernels_supported_devices", lambda: ["cuda"])
-    assert cli.main(["check-config", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "training.optimizer_implementation: fused AdamW does not run on cpu" in err
+    for command in ("check-config", "train"):
+        assert cli.main([command, str(path)]) == 2
+        assert "training.optimizer_implementation: fused AdamW does not run on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
