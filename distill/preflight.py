@@ -79,9 +79,9 @@ def _normal(location: str) -> str:
 def check_fused_adamw(device) -> None:
     """torch has a fused AdamW kernel for the device (otherwise AdamW(fused=True) fails at its first step)."""
     import torch
-    # torch's own list, which AdamW checks at its first step; there is no public query.
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+    # torch's own list (private), which AdamW checks at its first step; torch has no public query.
     if device.type not in _get_fused_kernels_supported_devices():
         raise ConfigError(f"training.optimizer_implementation: fused AdamW does not run on {device.type} in torch "
                           f"{torch.__version__}; use auto or foreach")
