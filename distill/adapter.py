@@ -36,3 +36,10 @@ class Batch:
     @property
     def size(self) -> int:
         return self.latents.shape[0]
+
+    def cond_uncond(self) -> Batch:
+        """A batch of 2B: this batch with its prompts, then again with its negative prompts, so that one
+        conditional forward over it gives both halves of classifier-free guidance."""
+        both = torch.cat([self.prompt_embeds, self.negative_prompt_embeds])
+        return Batch(latents=torch.cat([self.latents, self.latents]), prompt_embeds=both,
+                     negative_prompt_embeds=both, from_data=self.from_data)

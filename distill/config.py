@@ -101,6 +101,8 @@ class TrainingConfig:
     """Where to train; auto = cuda when available."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on GPU, fp32 on CPU."""
+    optimizer_implementation: Literal["auto", "for_loop", "foreach", "fused"] = "auto"
+    """Kernels of the trainable roles' AdamW step: torch's choice (auto: foreach on GPU), or for_loop, foreach, fused."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
 

@@ -46,6 +46,9 @@ class ModelConfig:
     """torch.compile backend of the blocks (inductor; aot_eager or eager to debug)."""
     init_seed: int = 0
     """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
+    batched_cfg: bool = True
+    """Run classifier-free guidance's prompt and negative-prompt passes as one forward of twice the batch (on:
+    equal to two forwards up to float rounding, and fewer, larger kernels); off = two forwards."""
 
     def validate(self, path: str) -> None:
         if (self.preset is None) == (self.path is None):

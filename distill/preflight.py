@@ -76,16 +76,30 @@ def _normal(location: str) -> str:
     return location.rstrip("/") if "://" in location else str(Path(location).resolve())
 
 
+def check_fused_adamw(device) -> None:
+    """torch has a fused AdamW kernel for the device (otherwise AdamW(fused=True) fails at its first step)."""
+    import torch
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    # torch's own list (private), which AdamW checks at its first step; torch has no public query.
+    if device.type not in _get_fused_kernels_supported_devices():
+        raise ConfigError(f"training.optimizer_implementation: fused AdamW does not run on {device.type} in torch "
+                          f"{torch.__version__}; use auto or foreach")
+
+
 def check_runtime(cfg: Config) -> None:
-    """The device asked for is there, its precision runs on it, the model's attention backend and compiler run
-    there, and validation can write its videos."""
+    """The device asked for is there, its precision and optimizer kernels run on it, the model's attention backend
+    and compiler run there, and validation can write its videos."""
     tr, m = cfg.training, cfg.model
-    if tr.device == "cuda" or tr.mixed_precision == "bf16":  # only these can fail: import torch for them alone
+    # only these can fail: import torch for them alone
+    if tr.device == "cuda" or tr.mixed_precision == "bf16" or tr.optimizer_implementation == "fused":
         from distill.device import resolve_device
 
         device = resolve_device(cfg)  # cuda asked for and not there: an error
         if tr.mixed_precision == "bf16" and device.type == "cpu":
             raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
+        if tr.optimizer_implementation == "fused":
+            check_fused_adamw(device)
     if m.attention_backend is not None or m.compile:  # only these need the model library
         from distill import registry
         from distill.device import resolve_device

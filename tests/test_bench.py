@@ -268,3 +268,16 @@ def test_the_latency_bench_takes_config_overrides_and_records_them(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         latency_main([*TINY_WAN, "--set", "model.attention_backend=flash3"])
     assert exit_.value.code == 2 and "model.attention_backend: unknown attention backend 'flash3'" in capsys.readouterr().err
+
+
+def test_model_flops_count_a_batched_cfg_forward_as_two(tmp_path):
+    from distill.bench.training import measure
+
+    def row(batched):
+        cfg = tiny_config(tmp_path / str(batched), model={"batched_cfg": batched},
+                          method_config={"generator_update_interval": 1})
+        return measure(Trainer(cfg), iterations=1, warmup=0)["rows"][0]
+
+    batched, separate = row(True), row(False)
+    assert batched["calls_no_grad"] == separate["calls_no_grad"] - 1  # the teacher's two forwards in one
+    assert batched["model_flops"] == pytest.approx(separate["model_flops"], rel=1e-6)

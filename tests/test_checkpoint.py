@@ -220,6 +220,23 @@ def test_how_the_model_runs_may_change_on_resume_and_a_checkpoint_may_predate_it
         _check_same_run(saved, now, "step-000002")
 
 
+def test_speed_levers_may_change_on_resume_and_a_checkpoint_from_before_them_resumes(run_dir):
+    from distill.config import to_dict
+    from distill.training.checkpoint import _check_same_run
+
+    Trainer(tiny_config(run_dir, model={"batched_cfg": False}, training={"max_steps": 2})).train()
+    trainer = Trainer(tiny_config(run_dir, model={"batched_cfg": True},
+                                  training={"max_steps": 3, "optimizer_implementation": "fused"}), resume="latest")
+    assert trainer.iteration == 2 and trainer.train()[-1]["critic_loss"] > 0  # fused steps from the loaded state
+    now = to_dict(tiny_config(run_dir))
+    older = json.loads(json.dumps(now))
+    del older["model"]["batched_cfg"], older["training"]["optimizer_implementation"]  # written before the keys
+    _check_same_run(older, now, "step-000002")
+    older["model"]["flow_shift"] = 5.0
+    with pytest.raises(ConfigError, match="model.flow_shift: 3.0 now, 5.0 in the checkpoint"):
+        _check_same_run(older, now, "step-000002")
+
+
 def test_a_checkpoint_of_an_older_layout_is_refused_before_any_model_is_built(run_dir, monkeypatch):
     from distill.run_layout import open_checkpoint
 

@@ -80,6 +80,9 @@ BAD = [
     pytest.param([("method_config.real_score_guidance_scale", float("nan"))],
                  ["method_config.real_score_guidance_scale"], id="guidance-nan"),
     pytest.param([("training.betas", [0.9, 1.0])], ["training.betas"], id="beta-1"),
+    pytest.param([("training.optimizer_implementation", "apex")], ["training.optimizer_implementation", "fused"],
+                 id="optimizer_implementation-bad"),
+    pytest.param([("model.batched_cfg", "yes")], ["model.batched_cfg", "true or false"], id="batched_cfg-str"),
     # registries
     pytest.param([("method", "dmd3")], ["method", "'dmd3'", "registered", "dmd2", "flow_matching"], id="unknown-method"),
     pytest.param([("model.family", "hunyuan")], ["model.family", "'hunyuan'", "registered", "wan"], id="unknown-family"),
@@ -181,3 +184,20 @@ def test_the_role_error_is_a_config_error():
         build_config(with_changes(("roles.teacher.trainable", True)))
     assert isinstance(info.value, ConfigError)
     assert "roles.teacher.trainable: false" in str(info.value)
+
+
+def test_fused_adamw_where_torch_has_none_is_refused_before_any_model(tmp_path, capsys, monkeypatch):
+    """check-config and train run the same preflight: a device without torch's fused AdamW (as the CPU was before
+    torch 2.4) stops the run naming the key, before a model is built."""
+    from distill import cli
+
+    path = tmp_path / "fused.yaml"
+    path.write_text(yaml.safe_dump(with_changes(("training.optimizer_implementation", "fused"),
+                                                ("training.device", "cpu"), ("run.output", str(tmp_path / "run")))))
+    assert cli.main(["check-config", str(path)]) == 0  # torch 2.4+ fuses AdamW on CPU
+    capsys.readouterr()
+    monkeypatch.setattr("torch.utils._foreach_utils._get_fused_kernels_supported_devices", lambda: ["cuda"])
+    for command in ("check-config", "train"):
+        assert cli.main([command, str(path)]) == 2
+        assert "training.optimizer_implementation: fused AdamW does not run on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,10 @@ class FakeAdapter:
     def predict_x0(self, handle, x_t, t, batch, *, conditional):
         return handle.modules["transformer"](x_t, t, conditional)
 
+    def predict_x0_cond_uncond(self, handle, x_t, t, batch):
+        return (self.predict_x0(handle, x_t, t, batch, conditional=True),
+                self.predict_x0(handle, x_t, t, batch, conditional=False))
+
     def predict_velocity(self, handle, x_t, t, batch, *, conditional):
         net = handle.modules["transformer"]
         return x_t * net.w if hasattr(net, "w") else net(x_t, t, conditional)

@@ -173,3 +173,33 @@ def test_cli_reports_config_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert cli_main(["train", str(path)]) == 2
     assert "training.learning_rate" in capsys.readouterr().err
+
+
+def test_batched_cfg_gives_the_dmd2_losses_of_two_forwards(tmp_path):
+    def history(batched):
+        cfg = tiny_config(tmp_path / str(batched), model={"batched_cfg": batched}, training={"max_steps": 4},
+                          method_config={"generator_update_interval": 1})
+        return Trainer(cfg).train()
+
+    batched, separate = history(True), history(False)
+    for a, b in zip(batched, separate):
+        for key in ("generator_loss", "critic_loss", "dmd_grad_rms", "real_x0_std"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_optimizer_implementations_give_the_losses_of_the_default(tmp_path):
+    def history(implementation):
+        cfg = tiny_config(tmp_path / implementation, training={"max_steps": 4, "optimizer_implementation": implementation},
+                          method_config={"generator_update_interval": 1})
+        trainer = Trainer(cfg)
+        for role in ("student", "critic"):  # torch's AdamW arguments: None = its own choice
+            defaults = trainer.roles[role].optimizer.defaults
+            assert (defaults["foreach"], defaults["fused"]) == {"auto": (None, None), "foreach": (True, None),
+                                                                "fused": (None, True)}[implementation]
+        return trainer.train()
+
+    default = history("auto")
+    for implementation in ("foreach", "fused"):
+        for a, b in zip(history(implementation), default):
+            for key in ("generator_loss", "critic_loss", "student_grad_norm", "critic_grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (implementation, key)

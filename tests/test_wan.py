@@ -103,15 +103,18 @@ def test_sde_sampling_is_reproducible_per_seed(run_dir):
     assert not torch.equal(final(1), final(2))
 
 
-def test_default_schedule_uses_flow_shift_and_cfg_doubles_passes(run_dir):
-    plugin, roles = plugin_and_roles(tiny_config(run_dir))
+@pytest.mark.parametrize("batched", [True, False])
+def test_default_schedule_uses_flow_shift_and_cfg_doubles_passes(run_dir, batched):
+    plugin, roles = plugin_and_roles(tiny_config(run_dir, model={"batched_cfg": batched}))
     teacher = roles["teacher"]
     calls, hook = record_calls(teacher.modules["transformer"])
     result = plugin.validator().run(
         request(teacher, None, sampler_kind="ode", num_inference_steps=3, guidance_scale=4.0)
     )
     hook.remove()
-    assert len(calls) == 6 and result.function_evaluations_per_video == 6
+    # Batched CFG: a forward of batch 2 per step (prompt, negative prompt); otherwise two of batch 1.
+    assert [len(c["x"]) for c in calls] == ([2] * 3 if batched else [1] * 6)
+    assert result.function_evaluations_per_video == 6
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     expected = FlowMatchEulerDiscreteScheduler(shift=3.0)  # diffusers' own 3-step schedule at the model's shift
@@ -120,6 +123,49 @@ def test_default_schedule_uses_flow_shift_and_cfg_doubles_passes(run_dir):
     unshifted = FlowMatchEulerDiscreteScheduler(shift=1.0)
     unshifted.set_timesteps(3)
     assert result.timesteps[1] > unshifted.timesteps[1] + 100
+
+
+def test_batched_cfg_predicts_the_same_x0_as_two_forwards(run_dir):
+    plugin, roles = plugin_and_roles(tiny_config(run_dir, data={"negative_prompt": "blurry"}))
+    teacher = roles["teacher"]
+    batch = plugin.prepare_batch({"prompt": ["a red circle moving left", "a blue square moving right"]},
+                                 latents_source="zeros")
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(batch.latents.shape, generator=g), torch.tensor([900.0, 300.0])
+    calls, hook = record_calls(teacher.modules["transformer"])
+    cond, uncond = plugin.predict_x0_cond_uncond(teacher, x_t, t, batch)
+    assert [len(c["x"]) for c in calls] == [4]  # one forward: 2 prompts, then 2 negative prompts
+    plugin.cfg.model.batched_cfg = False
+    two = plugin.predict_x0_cond_uncond(teacher, x_t, t, batch)
+    hook.remove()
+    assert [len(c["x"]) for c in calls] == [4, 2, 2]
+    for batched, separate, conditional in ((cond, two[0], True), (uncond, two[1], False)):
+        reference = plugin.predict_x0(teacher, x_t, t, batch, conditional=conditional)
+        torch.testing.assert_close(separate, reference, rtol=0, atol=0)
+        assert (batched - reference).abs().max() < 1e-5
+    assert (cond - uncond).abs().max() > 1e-3  # the halves did see different prompts
+
+
+@pytest.mark.parametrize("kind", ["sde", "ode"])
+def test_batched_cfg_samples_as_two_forwards_do(run_dir, tmp_path, kind):
+    def sample(batched):
+        plugin, roles = plugin_and_roles(tiny_config(run_dir, model={"batched_cfg": batched}))
+        teacher = roles["teacher"]
+        calls, hook = record_calls(teacher.modules["transformer"])
+        result = plugin.validator().run(request(teacher, tmp_path / str(batched), sampler_kind=kind, guidance_scale=4.0,
+                                                num_inference_steps=4, negative_prompt="blurry"))
+        hook.remove()
+        meta = json.loads((tmp_path / str(batched) / "meta.json").read_text())
+        assert meta["batched_cfg"] == batched and meta["function_evaluations_per_video"] == 8
+        return calls, result.frames[0]
+
+    (batched_calls, batched_video), (calls, video) = sample(True), sample(False)
+    assert len(batched_calls) == 4 and len(calls) == 8
+    for step, both in enumerate(batched_calls):  # each step's input, and the velocity of each half
+        cond, uncond = calls[2 * step], calls[2 * step + 1]
+        assert (both["x"][:1] - cond["x"]).abs().max() < 1e-5
+        assert (both["v"][:1] - cond["v"]).abs().max() < 1e-5 and (both["v"][1:] - uncond["v"]).abs().max() < 1e-5
+    assert np.abs(batched_video.astype(int) - video.astype(int)).max() <= 1  # uint8 frames: rounding at most
 
 
 def test_vae_space_validation_decodes_videos(run_dir, tmp_path):

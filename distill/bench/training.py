@@ -40,17 +40,18 @@ def _sync(device: torch.device) -> None:
 
 
 class CallCounter:
-    """Counts calls of every role's named modules (with or without grad); keeps each name's first input."""
+    """Counts calls of every role's named modules (with or without grad, and each call's batch size); keeps each
+    name's first input."""
 
     def __init__(self, roles):
-        self.calls: list[tuple[str, bool]] = []
+        self.calls: list[tuple[str, bool, int]] = []
         self.examples: dict[str, tuple] = {}
         self.hooks = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                       for handle in roles for name, module in handle.modules.items()]
 
     def _hook(self, name: str):
         def record(module, args, kwargs, output):
-            self.calls.append((name, torch.is_grad_enabled()))
+            self.calls.append((name, torch.is_grad_enabled(), _batch_size(args, kwargs)))
             if name not in self.examples:
                 self.examples[name] = (module, _detached(args), _detached(kwargs))
         return record
@@ -64,6 +65,16 @@ def _detached(values):
     if isinstance(values, dict):
         return {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}
     return tuple(v.detach() if torch.is_tensor(v) else v for v in values)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """The leading size of a call's first tensor argument (or of the first tensor in a list of them), else 1."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)) and value and torch.is_tensor(value[0]):
+            value = value[0]
+        if torch.is_tensor(value) and value.ndim:
+            return value.shape[0]
+    return 1
 
 
 def forward_flops(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
@@ -103,14 +114,17 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
                 rows.append({"seconds": seconds, "kind": kind, "calls": list(counter.calls),
                              "compiled_graphs": compiled_graphs() - graphs})
         flops = {name: forward_flops(*example) for name, example in counter.examples.items()}
+        # A module's calls need not all have the batch of its first (batched CFG doubles the teacher's).
+        example_batch = {name: _batch_size(*example[1:]) for name, example in counter.examples.items()}
     finally:
         counter.remove()
     peak = matmul_peak(device)
     for r in rows:
         calls = r.pop("calls")
-        r["calls_with_grad"] = sum(grad for _, grad in calls)
+        r["calls_with_grad"] = sum(grad for _, grad, _ in calls)
         r["calls_no_grad"] = len(calls) - r["calls_with_grad"]
-        r["model_flops"] = sum(flops[name] * (3 if grad else 1) for name, grad in calls)
+        r["model_flops"] = sum(flops[name] * batch / example_batch[name] * (3 if grad else 1)
+                               for name, grad, batch in calls)
         r["mfu"] = r["model_flops"] / r["seconds"] / peak
     samples = trainer.cfg.training.batch_size * trainer.cfg.training.gradient_accumulation_steps * trainer.dist.world_size
     mean_seconds = statistics.fmean(r["seconds"] for r in rows)

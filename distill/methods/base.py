@@ -221,6 +221,7 @@ def optimizer_settings(training: Any, prefix: str = "", every: int = 1) -> dict[
         lr=pick("learning_rate"), betas=pick("betas"), weight_decay=pick("weight_decay"), eps=pick("eps"),
         schedule=pick("lr_scheduler"), warmup_steps=math.ceil(pick("warmup_steps") / every),
         max_grad_norm=pick("max_grad_norm"), total_steps=math.ceil(training.max_steps / every),
+        implementation=training.optimizer_implementation,
     )
 
 
@@ -235,16 +236,24 @@ def make_optimizer(
     warmup_steps: int,
     total_steps: int,
     max_grad_norm: float,
+    implementation: str = "auto",
 ) -> None:
-    """AdamW over the role's trainable parameters plus a LambdaLR schedule, written onto the handle."""
+    """AdamW over the role's trainable parameters plus a LambdaLR schedule, written onto the handle.
+
+    `implementation`: auto (torch's choice), for_loop, foreach or fused: the same update, in other kernels.
+    """
     params = handle.trainable_parameters()
     if not params:
         raise ValueError(f"role {handle.name!r} is trainable but has no parameters that require grad")
-    handle.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    handle.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps,
+                                         **_ADAMW_KERNELS[implementation])
     handle.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         handle.optimizer, _lr_lambda(schedule, warmup_steps, total_steps)
     )
     handle.max_grad_norm = max_grad_norm
+
+
+_ADAMW_KERNELS = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):

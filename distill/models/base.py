@@ -199,6 +199,18 @@ class ModelPlugin(ABC):
                    conditional: bool) -> torch.Tensor:
         """The role's estimate of x0 at (x_t, t), fp32."""
 
+    def predict_x0_cond_uncond(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor,
+                               batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The role's x0 at (x_t, t) with the prompt and with the negative prompt (the two halves of
+        classifier-free guidance), fp32: one forward over the batch twice over (`Batch.cond_uncond`) when
+        model.batched_cfg, else two forwards. A family whose denoiser mixes samples of a batch must override it."""
+        if not self.cfg.model.batched_cfg:
+            return (self.predict_x0(handle, x_t, t, batch, conditional=True),
+                    self.predict_x0(handle, x_t, t, batch, conditional=False))
+        both = self.predict_x0(handle, torch.cat([x_t, x_t]), torch.cat([t, t]), batch.cond_uncond(), conditional=True)
+        cond, uncond = both.chunk(2)
+        return cond, uncond
+
     def denoiser_blocks(self, module: nn.Module) -> nn.ModuleList:
         """The denoiser's sequence of transformer blocks (`module.blocks`, as in Wan and most DiTs)."""
         return module.blocks

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import WanPipeline
+from torch import nn
 
 from distill.validation import ValidationRequest, ValidationResult
 from distill.video import contact_sheet, to_uint8_frames, write_video
@@ -25,13 +26,19 @@ class WanValidator:
         handle = request.sample_handle
         transformer = handle.modules[plugin.denoiser_key]
         scheduler = plugin.sampling_scheduler(request.sampling)
-        pipe = WanPipeline(
-            tokenizer=plugin.tokenizer, text_encoder=None, vae=plugin.vae, scheduler=scheduler, transformer=transformer
-        )
-        pipe.set_progress_bar_config(disable=True)
         shape = plugin.video_latent_shape(request.num_frames, request.height, request.width)
         negative = plugin.encode_prompts([request.negative_prompt])
-        cfg_passes = 2 if request.sampling.guidance_scale > 1.0 else 1
+        guidance = request.sampling.guidance_scale
+        cfg_passes = 2 if guidance > 1.0 else 1
+        batched = cfg_passes == 2 and plugin.cfg.model.batched_cfg
+        if batched:  # the pipeline then samples without guidance, and the denoiser it calls applies it
+            denoiser, pipe_guidance, pipe_negative = BatchedCFG(transformer, negative, guidance), 1.0, None
+        else:
+            denoiser, pipe_guidance, pipe_negative = transformer, guidance, negative
+        pipe = WanPipeline(
+            tokenizer=plugin.tokenizer, text_encoder=None, vae=plugin.vae, scheduler=scheduler, transformer=denoiser
+        )
+        pipe.set_progress_bar_config(disable=True)
 
         was_training = transformer.training
         transformer.eval()
@@ -55,13 +62,13 @@ class WanValidator:
                         torch.manual_seed(seed)  # the sde re-noising draws from the global generator
                         out = pipe(
                             prompt_embeds=embeds,
-                            negative_prompt_embeds=negative,
+                            negative_prompt_embeds=pipe_negative,
                             latents=noise,
                             height=request.height,
                             width=request.width,
                             num_frames=request.num_frames,
                             num_inference_steps=request.num_steps,
-                            guidance_scale=request.sampling.guidance_scale,
+                            guidance_scale=pipe_guidance,
                             output_type="latent" if plugin.vae is None else "np",
                             callback_on_step_end=mark_denoised,
                         ).frames
@@ -92,7 +99,8 @@ class WanValidator:
                 "role": handle.name,
                 "sampler_kind": request.sampling.sampler_kind,
                 "timesteps": result.timesteps,
-                "guidance_scale": request.sampling.guidance_scale,
+                "guidance_scale": guidance,
+                "batched_cfg": batched,
                 "function_evaluations_per_video": result.function_evaluations_per_video,
                 "prompts": request.prompts,
                 "seeds": request.seeds,
@@ -104,6 +112,36 @@ class WanValidator:
             result.meta = str(out_dir / "meta.json")
             Path(result.meta).write_text(json.dumps(meta, indent=2))
         return result
+
+
+class BatchedCFG(nn.Module):
+    """The denoiser that a WanPipeline called with guidance_scale 1 runs: each call is one forward of twice the
+    batch, the prompt's half and the negative prompt's, combined as the pipeline combines its two forwards,
+    uncond + w (cond − uncond)."""
+
+    def __init__(self, transformer: nn.Module, negative_prompt_embeds: torch.Tensor, guidance_scale: float):
+        super().__init__()
+        self.transformer = transformer
+        self.negative_prompt_embeds = negative_prompt_embeds
+        self.guidance_scale = guidance_scale
+
+    # What WanPipeline reads of its transformer besides calling it.
+    config = property(lambda self: self.transformer.config)
+    dtype = property(lambda self: self.transformer.dtype)
+    device = property(lambda self: self.transformer.device)
+
+    def cache_context(self, name: str, **kwargs):
+        return self.transformer.cache_context(name, **kwargs)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, **kwargs):
+        B = hidden_states.shape[0]
+        negative = self.negative_prompt_embeds.to(encoder_hidden_states).expand(B, -1, -1)
+        out = self.transformer(hidden_states=torch.cat([hidden_states, hidden_states]),
+                               timestep=torch.cat([timestep, timestep]),
+                               encoder_hidden_states=torch.cat([encoder_hidden_states, negative]),
+                               **{**kwargs, "return_dict": False})[0]
+        cond, uncond = out.chunk(2)
+        return (uncond + self.guidance_scale * (cond - uncond),)
 
 
 def _sync(device: torch.device) -> None:

@@ -305,13 +305,14 @@ def _read_safetensors(folder: Path, where: str) -> dict:
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
-# Keys that may change between a checkpoint and its resumed run; any other difference is refused.
+# Keys that may change between a checkpoint and its resumed run; any other difference is refused. Speed levers
+# that compute the same thing up to float rounding may change too (and a checkpoint from before them has none).
 _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_bar", "training.checkpoint_every",
                "training.keep_checkpoints", "training.keep_checkpoint_every", "validation", "storage", "run.output",
                "run.name",
                # how the model runs, not what it computes (and absent from checkpoints written before them)
                "model.gradient_checkpointing", "model.checkpoint_every", "model.attention_backend", "model.compile",
-               "model.compile_mode", "model.compile_backend"}
+               "model.compile_mode", "model.compile_backend", "model.batched_cfg", "training.optimizer_implementation"}
 
 
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:

@@ -119,6 +119,8 @@ class DMD2Adapter(Protocol):
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
     def predict_velocity(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
     def predict_x0(self, handle: RoleHandle, x_t, t, batch: Batch, *, conditional: bool) -> torch.Tensor: ...
+    def predict_x0_cond_uncond(self, handle: RoleHandle, x_t, t, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
     def shift_timestep(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -290,12 +292,11 @@ class DMD2(DistillMethod):
         x_t = self.adapter.add_noise(x0, self.randn_like(x0), t)
         with torch.no_grad():
             fake = self.adapter.predict_x0(self.critic, x_t, t, batch, conditional=True)
-            cond = self.adapter.predict_x0(self.teacher, x_t, t, batch, conditional=True)
             w = m.standard_guidance_scale
             if w == 1.0:
-                real = cond
+                real = self.adapter.predict_x0(self.teacher, x_t, t, batch, conditional=True)
             else:
-                uncond = self.adapter.predict_x0(self.teacher, x_t, t, batch, conditional=False)
+                cond, uncond = self.adapter.predict_x0_cond_uncond(self.teacher, x_t, t, batch)
                 real = uncond + w * (cond - uncond)
         return real, fake
 
