@@ -26,6 +26,12 @@ BIN = Path(sys.executable).parent
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
 README = (ROOT / "deploy" / "README.md").read_text()
 PROCESS_DEPLOYMENTS = {"pipeline", "preprocess", "train", "bench", "compare"}
+# Polling intervals of the test server and workers, shorter than Prefect's defaults (they only decide how soon a
+# change is noticed, not what happens): a worker asks for runs every 10 s, the server revokes lapsed concurrency
+# leases every 15 s, and a job waiting for the GPU slot is told to retry after up to 30 s.
+SERVER_POLLING = {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+                  "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+WORKER_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
 
 
 def wait_for(check, timeout: float, what: str, every: float = 0.5):
@@ -48,7 +54,7 @@ def server(tmp_path_factory):
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_LOGGING_LEVEL="WARNING")
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env={**env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
+                            env={**env, "PREFECT_API_URL": "", **SERVER_POLLING}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     prefect(env, *as_written("prefect server status --wait --timeout 120"))  # as deploy/README.md waits for it
     yield env
@@ -75,14 +81,15 @@ def as_written(command: str) -> list[str]:
 def process_worker(env: dict, pool: str, cwd: Path, logs: Path):
     """`prefect worker start --pool POOL` in `cwd`, its log in `logs`, until the block ends."""
     log = open(logs / "worker.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env=env, cwd=cwd,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env={**env, **WORKER_POLLING},
+                            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield logs / "worker.log"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # a worker ignores a lone SIGTERM while it runs: follow with SIGINT
-        time.sleep(3)
-        if proc.poll() is None:
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=20)
@@ -167,7 +174,7 @@ def artifacts(env: dict, run_id: str) -> list[dict]:
 def finished(env: dict, run_id: str, timeout: float = 600) -> dict:
     terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
     return wait_for(lambda: (lambda fr: fr if fr["state_type"] in terminal else None)(flow_run(env, run_id)),
-                    timeout, f"flow run {run_id}", every=2)
+                    timeout, f"flow run {run_id}", every=0.5)
 
 
 def write(path: Path, data: dict) -> str:
