@@ -284,6 +284,63 @@ def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline
         assert task_names(tasks) == [task] and tasks[0]["run_count"] == 1  # not retried: it cannot change
 
 
+def flow_run_processes(run_id: str) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def killed_run(worker, tmp_path_factory):
+    """A `train` run killed outright (the job and its ranks) after its first checkpoint, then resumed.
+
+    The resume is only submitted here: it first waits (about a minute) for the GPU slot that the killed job held
+    until that lease lapses. The tests after test_a_job_killed_mid_run_is_crashed_and_keeps_its_checkpoint take
+    no GPU slot and run meanwhile; test_a_killed_job_resumes_from_its_checkpoint, last but one in this module,
+    waits for the resume. (One test before this split: the same steps, the same checks.)"""
+    env, _ = worker
+    tmp_path = tmp_path_factory.mktemp("kill-resume")
+    out = tmp_path / "run"
+    raw = tiny_raw(out, training={"max_steps": 400, "checkpoint_every": 10, "log_every": 10},
+                   data={"num_frames": 3, "height": 16, "width": 16},
+                   validation={"every": 10, "seeds": [0], "prompts": ["a red circle moving left"]})
+    raw["run"]["name"] = "kill-resume"
+    config = write(tmp_path / "run.yaml", raw)
+    run_id = run(env, "train/train", {"config": config})
+    wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "a first checkpoint")
+    # Training prints nothing between its first and last step: its validations are published all the same.
+    made = wait_for(lambda: {a["key"]: a for a in artifacts(env, run_id)}.get("kill-resume-metrics"), 60,
+                    "the first validation's artifacts")
+    assert flow_run(env, run_id)["state_type"] == "RUNNING"
+    step = made["description"].rsplit(" ", 1)[1]  # "kill-resume metrics up to step-000010"
+    assert max(row["step"] for row in json.loads(made["data"])) <= int(step.split("-")[1])
+    for pid in flow_run_processes(run_id):  # the job and everything it started
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["pkill", "-9", "-f", str(config)], check=False)  # the launcher's training ranks
+    killed = finished(env, run_id, timeout=120)
+    latest = (out / "checkpoints" / "latest").read_text()
+    complete = (out / "checkpoints" / latest / "MANIFEST.json").exists()
+
+    raw["training"]["max_steps"] = int(latest.split("-")[1]) + 10
+    write(tmp_path / "run.yaml", raw)
+    resumed = run(env, "train/train", {"config": config, "resume": True})
+    return SimpleNamespace(env=env, out=out, killed=killed, latest=latest, complete=complete, resumed=resumed,
+                           max_steps=raw["training"]["max_steps"])
+
+
+def test_a_job_killed_mid_run_is_crashed_and_keeps_its_checkpoint(killed_run):
+    assert killed_run.killed["state_type"] == "CRASHED"
+    assert killed_run.complete, killed_run.latest  # the checkpoint `latest` named after the kill: MANIFEST.json
+
+
 def deployments(env: dict, pool: str) -> dict[str, dict]:
     return {d["name"]: d for d in api(env, "deployments/filter", {}) if d["work_pool_name"] == pool}
 
@@ -365,48 +422,11 @@ def test_deployed_train_with_a_bad_config_fails_in_its_first_task(worker, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def flow_run_processes(run_id: str) -> list[int]:
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes():
-                pids.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return pids
-
-
-def test_a_job_killed_mid_run_is_crashed_and_resumes_from_its_checkpoint(worker, tmp_path):
-    env, _ = worker
-    out = tmp_path / "run"
-    raw = tiny_raw(out, training={"max_steps": 400, "checkpoint_every": 10, "log_every": 10},
-                   data={"num_frames": 3, "height": 16, "width": 16},
-                   validation={"every": 10, "seeds": [0], "prompts": ["a red circle moving left"]})
-    raw["run"]["name"] = "kill-resume"
-    config = write(tmp_path / "run.yaml", raw)
-    run_id = run(env, "train/train", {"config": config})
-    wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "a first checkpoint")
-    # Training prints nothing between its first and last step: its validations are published all the same.
-    made = wait_for(lambda: {a["key"]: a for a in artifacts(env, run_id)}.get("kill-resume-metrics"), 60,
-                    "the first validation's artifacts")
-    assert flow_run(env, run_id)["state_type"] == "RUNNING"
-    step = made["description"].rsplit(" ", 1)[1]  # "kill-resume metrics up to step-000010"
-    assert max(row["step"] for row in json.loads(made["data"])) <= int(step.split("-")[1])
-    for pid in flow_run_processes(run_id):  # the job and everything it started
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    subprocess.run(["pkill", "-9", "-f", str(config)], check=False)  # the launcher's training ranks
-    assert finished(env, run_id, timeout=120)["state_type"] == "CRASHED"
-    latest = (out / "checkpoints" / "latest").read_text()
-    assert (out / "checkpoints" / latest / "MANIFEST.json").exists()
-
-    raw["training"]["max_steps"] = int(latest.split("-")[1]) + 10
-    write(tmp_path / "run.yaml", raw)
-    resumed = run(env, "train/train", {"config": config, "resume": True})
-    assert finished(env, resumed)["state_type"] == "COMPLETED"
-    assert (out / "checkpoints" / "latest").read_text() == f"step-{raw['training']['max_steps']:06d}"
+def test_a_killed_job_resumes_from_its_checkpoint(killed_run):
+    """The resume submitted by `killed_run` (after the GPU slot's lease of the killed job lapsed)."""
+    env, out = killed_run.env, killed_run.out
+    assert finished(env, killed_run.resumed)["state_type"] == "COMPLETED"
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{killed_run.max_steps:06d}"
 
 
 def test_flow_defaults_name_what_the_demo_pipeline_writes():
