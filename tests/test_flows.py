@@ -21,8 +21,12 @@ SIZE = {"num_frames": 5, "height": 16, "width": 16}
 
 @pytest.fixture(scope="module", autouse=True)
 def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    # A job waiting for a concurrency slot (test_gpu_jobs_on_one_host_take_turns) is told to retry after the limit's
+    # average occupancy, up to 30 s: 1 s at most here decides only how soon it notices the slot is free.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "1")  # the harness's server
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 def write(path: Path, data: dict) -> str:
