@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from prefect_server import PrefectServer
+
 # Two threads on two cores is erratic; tests are small enough for one.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,3 +33,29 @@ def s3(s3_server, monkeypatch):
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return s3_server
+
+
+PREFECT_SERVER = pytest.StashKey[PrefectServer]()
+
+
+def pytest_collection_finish(session):
+    """Start tests/test_deploy.py's Prefect server now, in the background, when a selected test uses it: it boots
+    (about 20 s of one core) while the tests before that module run (see tests/prefect_server.py)."""
+    if session.config.option.collectonly:
+        return
+    if any("prefect_server_process" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[PREFECT_SERVER] = PrefectServer(session.config._tmp_path_factory.mktemp("prefect-home"))
+
+
+def pytest_sessionfinish(session):
+    server = session.config.stash.get(PREFECT_SERVER, None)
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server_process(request, tmp_path_factory) -> PrefectServer:
+    """The Prefect server started after collection (booting, or booted), or one started now."""
+    if PREFECT_SERVER not in request.config.stash:
+        request.config.stash[PREFECT_SERVER] = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    return request.config.stash[PREFECT_SERVER]

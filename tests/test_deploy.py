@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from s3_server import free_port
 from tiny import tiny_raw
 
 pytestmark = pytest.mark.prefect_server  # a real Prefect server and process worker
@@ -26,11 +25,8 @@ BIN = Path(sys.executable).parent
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
 README = (ROOT / "deploy" / "README.md").read_text()
 PROCESS_DEPLOYMENTS = {"pipeline", "preprocess", "train", "bench", "compare"}
-# Polling intervals of the test server and workers, shorter than Prefect's defaults (they only decide how soon a
-# change is noticed, not what happens): a worker asks for runs every 10 s, the server revokes lapsed concurrency
-# leases every 15 s, and a job waiting for the GPU slot is told to retry after up to 30 s.
-SERVER_POLLING = {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-                  "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+# A worker asks the server for scheduled runs every 10 s by default; every second here (it only decides how soon a
+# run starts, not what happens). The server's own polling: tests/prefect_server.py.
 WORKER_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
 
 
@@ -45,21 +41,16 @@ def wait_for(check, timeout: float, what: str, every: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on a free port, with its own home (database); stopped at the end."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
+def server(prefect_server_process):
+    """`prefect server start` on a free port, with its own home (database); stopped at the end. It was started after
+    collection (conftest.py), so it boots while the tests before this module run."""
+    home = prefect_server_process.home
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_LOGGING_LEVEL="WARNING")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env={**env, "PREFECT_API_URL": "", **SERVER_POLLING}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+               PREFECT_API_URL=prefect_server_process.api_url, PREFECT_LOGGING_LEVEL="WARNING")
     prefect(env, *as_written("prefect server status --wait --timeout 120"))  # as deploy/README.md waits for it
     yield env
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    prefect_server_process.stop()
 
 
 def prefect(env: dict, *args: str, ok: bool = True) -> str:
