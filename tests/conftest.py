@@ -35,27 +35,41 @@ def s3(s3_server, monkeypatch):
     return s3_server
 
 
-PREFECT_SERVER = pytest.StashKey[PrefectServer]()
+# Fixtures of the Prefect servers that conftest starts right after collection (tests/prefect_server.py).
+PREFECT_SERVER_FIXTURES = ("prefect_server_process", "flows_prefect_server")
+PREFECT_SERVERS = pytest.StashKey[dict]()
+
+
+def prefect_server(config, name: str) -> PrefectServer:
+    """The server of fixture `name`, started now unless it was already."""
+    servers = config.stash.setdefault(PREFECT_SERVERS, {})
+    if name not in servers:
+        servers[name] = PrefectServer(config._tmp_path_factory.mktemp(f"prefect-home-{name}"))
+    return servers[name]
 
 
 def pytest_collection_finish(session):
-    """Start tests/test_deploy.py's Prefect server now, in the background, when a selected test uses it: it boots
-    (about 20 s of one core) while the tests before that module run (see tests/prefect_server.py)."""
+    """Start the Prefect servers that the selected tests use now, in the background: each boots (about 20 s of one
+    core) while the tests before its module run (see tests/prefect_server.py)."""
     if session.config.option.collectonly:
         return
-    if any("prefect_server_process" in getattr(item, "fixturenames", ()) for item in session.items):
-        session.config.stash[PREFECT_SERVER] = PrefectServer(session.config._tmp_path_factory.mktemp("prefect-home"))
+    for name in PREFECT_SERVER_FIXTURES:
+        if any(name in getattr(item, "fixturenames", ()) for item in session.items):
+            prefect_server(session.config, name)
 
 
 def pytest_sessionfinish(session):
-    server = session.config.stash.get(PREFECT_SERVER, None)
-    if server is not None:
+    for server in session.config.stash.get(PREFECT_SERVERS, {}).values():
         server.stop()
 
 
 @pytest.fixture(scope="session")
-def prefect_server_process(request, tmp_path_factory) -> PrefectServer:
-    """The Prefect server started after collection (booting, or booted), or one started now."""
-    if PREFECT_SERVER not in request.config.stash:
-        request.config.stash[PREFECT_SERVER] = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
-    return request.config.stash[PREFECT_SERVER]
+def prefect_server_process(request) -> PrefectServer:
+    """tests/test_deploy.py's Prefect server (booting, or booted)."""
+    return prefect_server(request.config, "prefect_server_process")
+
+
+@pytest.fixture(scope="session")
+def flows_prefect_server(request) -> PrefectServer:
+    """The temporary Prefect server of tests/test_flows.py (booting, or booted)."""
+    return prefect_server(request.config, "flows_prefect_server")

@@ -1,16 +1,21 @@
-"""A real `prefect server start` on loopback with its own home (database), for tests/test_deploy.py.
+"""Real `prefect server start`s on loopback, each with its own home (database): tests/test_deploy.py's, and the
+temporary server that tests/test_flows.py runs its flows against.
 
-It takes about 20 s to boot (imports, then its new database's migrations), nearly all of it on one core.
-conftest.py starts it in the background as soon as collection is done, when a selected test uses the
-`prefect_server_process` fixture, so that it boots while the tests before test_deploy.py run on the other core.
+A server takes about 20 s to boot (imports, then its new database's migrations), nearly all of it on one core.
+conftest.py starts each in the background as soon as collection is done, when a selected test uses its fixture,
+so that it boots while the tests before those modules run on the other core.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from s3_server import free_port
@@ -43,3 +48,46 @@ class PrefectServer:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=30)
+
+    def wait(self, timeout: float = 120) -> None:
+        """Until the server answers its health check."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if urllib.request.urlopen(f"{self.api_url}/health", timeout=2).read() == b"true":
+                    return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the Prefect server did not start (its log: {self.log})")
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def flows_in_this_process(server: PrefectServer):
+    """Flows run in this process against `server`, as prefect_test_harness (Prefect 3.9) runs them against the
+    temporary server it starts: the API URL set in this context and in the process-global one (which threads that
+    a test starts see), and the log and event workers drained before the server may stop."""
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    server.wait()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            yield
+
+            async def drain_workers():  # as prefect_test_harness does on leaving
+                try:
+                    result = APILogWorker.instance().drain()
+                    if inspect.isawaitable(result):
+                        await result
+                except RuntimeError:  # not started
+                    pass
+                result = EventsWorker.drain_all()
+                if inspect.isawaitable(result):
+                    await result
+
+            run_coro_as_sync(drain_workers())
