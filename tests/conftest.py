@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from prefect_server import PrefectServer
+
 # Two threads on two cores is erratic; tests are small enough for one.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,3 +33,43 @@ def s3(s3_server, monkeypatch):
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return s3_server
+
+
+# Fixtures of the Prefect servers that conftest starts right after collection (tests/prefect_server.py).
+PREFECT_SERVER_FIXTURES = ("prefect_server_process", "flows_prefect_server")
+PREFECT_SERVERS = pytest.StashKey[dict]()
+
+
+def prefect_server(config, name: str) -> PrefectServer:
+    """The server of fixture `name`, started now unless it was already."""
+    servers = config.stash.setdefault(PREFECT_SERVERS, {})
+    if name not in servers:
+        servers[name] = PrefectServer(config._tmp_path_factory.mktemp(f"prefect-home-{name}"))
+    return servers[name]
+
+
+def pytest_collection_finish(session):
+    """Start the Prefect servers that the selected tests use now, in the background: each boots (about 20 s of one
+    core) while the tests before its module run (see tests/prefect_server.py)."""
+    if session.config.option.collectonly:
+        return
+    for name in PREFECT_SERVER_FIXTURES:
+        if any(name in getattr(item, "fixturenames", ()) for item in session.items):
+            prefect_server(session.config, name)
+
+
+def pytest_sessionfinish(session):
+    for server in session.config.stash.get(PREFECT_SERVERS, {}).values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server_process(request) -> PrefectServer:
+    """tests/test_deploy.py's Prefect server (booting, or booted)."""
+    return prefect_server(request.config, "prefect_server_process")
+
+
+@pytest.fixture(scope="session")
+def flows_prefect_server(request) -> PrefectServer:
+    """The temporary Prefect server of tests/test_flows.py (booting, or booted)."""
+    return prefect_server(request.config, "flows_prefect_server")

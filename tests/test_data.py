@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +44,16 @@ def make_videos(folder, n=N_VIDEOS, frames=FRAMES, height=SIZE, width=SIZE):
     return folder
 
 
+@pytest.fixture(scope="module")
+def written_videos(tmp_path_factory):
+    """make_videos once for the module (10 mp4 encodes): each test gets a copy of these files (`videos`)."""
+    return make_videos(tmp_path_factory.mktemp("videos") / "data")
+
+
 @pytest.fixture
-def videos(tmp_path):
-    return make_videos(tmp_path / "data")
+def videos(tmp_path, written_videos):
+    """tmp_path/data: the same bytes as make_videos(tmp_path / "data"), copied; the test may damage or extend them."""
+    return Path(shutil.copytree(written_videos, tmp_path / "data"))
 
 
 def data_config(tmp_path, videos, **data):
@@ -226,11 +235,22 @@ def test_a_folder_of_another_plan_is_refused_untouched(tmp_path, videos):
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == before
 
 
-@pytest.fixture
-def shards(tmp_path, videos):
-    cfg = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos))
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory, written_videos):
+    """The shards of `written_videos`, preprocessed once for the module (nothing in them names their folder)."""
+    tmp = tmp_path_factory.mktemp("preprocessed")
+    cfg = tiny_config(tmp / "run", data=data_config(tmp, written_videos))
     preprocess(cfg, progress=False)
-    return cfg, tmp_path / "shards", WanPlugin(cfg, device=torch.device("cpu")).identity()
+    return tmp / "shards", WanPlugin(cfg, device=torch.device("cpu")).identity()
+
+
+@pytest.fixture
+def shards(tmp_path, videos, preprocessed):
+    """What preprocess(cfg) writes to tmp_path/shards for `videos` (a copy of `preprocessed`: the test may damage it)."""
+    cfg = tiny_config(tmp_path / "run", data=data_config(tmp_path, videos))
+    folder, identity = preprocessed
+    shutil.copytree(folder, tmp_path / "shards")
+    return cfg, tmp_path / "shards", copy.deepcopy(identity)
 
 
 def test_damaged_shard_fails_naming_it_on_first_load(shards):

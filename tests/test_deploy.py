@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from s3_server import free_port
 from tiny import tiny_raw
 
 pytestmark = pytest.mark.prefect_server  # a real Prefect server and process worker
@@ -26,6 +25,9 @@ BIN = Path(sys.executable).parent
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
 README = (ROOT / "deploy" / "README.md").read_text()
 PROCESS_DEPLOYMENTS = {"pipeline", "preprocess", "train", "bench", "compare"}
+# A worker asks the server for scheduled runs every 10 s by default; every second here (it only decides how soon a
+# run starts, not what happens). The server's own polling: tests/prefect_server.py.
+WORKER_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
 
 
 def wait_for(check, timeout: float, what: str, every: float = 0.5):
@@ -39,21 +41,16 @@ def wait_for(check, timeout: float, what: str, every: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on a free port, with its own home (database); stopped at the end."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
+def server(prefect_server_process):
+    """`prefect server start` on a free port, with its own home (database); stopped at the end. It was started after
+    collection (conftest.py), so it boots while the tests before this module run."""
+    home = prefect_server_process.home
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_LOGGING_LEVEL="WARNING")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env={**env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+               PREFECT_API_URL=prefect_server_process.api_url, PREFECT_LOGGING_LEVEL="WARNING")
     prefect(env, *as_written("prefect server status --wait --timeout 120"))  # as deploy/README.md waits for it
     yield env
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    prefect_server_process.stop()
 
 
 def prefect(env: dict, *args: str, ok: bool = True) -> str:
@@ -75,14 +72,15 @@ def as_written(command: str) -> list[str]:
 def process_worker(env: dict, pool: str, cwd: Path, logs: Path):
     """`prefect worker start --pool POOL` in `cwd`, its log in `logs`, until the block ends."""
     log = open(logs / "worker.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env=env, cwd=cwd,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env={**env, **WORKER_POLLING},
+                            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield logs / "worker.log"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # a worker ignores a lone SIGTERM while it runs: follow with SIGINT
-        time.sleep(3)
-        if proc.poll() is None:
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=20)
@@ -167,7 +165,7 @@ def artifacts(env: dict, run_id: str) -> list[dict]:
 def finished(env: dict, run_id: str, timeout: float = 600) -> dict:
     terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
     return wait_for(lambda: (lambda fr: fr if fr["state_type"] in terminal else None)(flow_run(env, run_id)),
-                    timeout, f"flow run {run_id}", every=2)
+                    timeout, f"flow run {run_id}", every=0.5)
 
 
 def write(path: Path, data: dict) -> str:
@@ -277,6 +275,63 @@ def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline
         assert task_names(tasks) == [task] and tasks[0]["run_count"] == 1  # not retried: it cannot change
 
 
+def flow_run_processes(run_id: str) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def killed_run(worker, tmp_path_factory):
+    """A `train` run killed outright (the job and its ranks) after its first checkpoint, then resumed.
+
+    The resume is only submitted here: it first waits (about a minute) for the GPU slot that the killed job held
+    until that lease lapses. The tests after test_a_job_killed_mid_run_is_crashed_and_keeps_its_checkpoint take
+    no GPU slot and run meanwhile; test_a_killed_job_resumes_from_its_checkpoint, last but one in this module,
+    waits for the resume. (One test before this split: the same steps, the same checks.)"""
+    env, _ = worker
+    tmp_path = tmp_path_factory.mktemp("kill-resume")
+    out = tmp_path / "run"
+    raw = tiny_raw(out, training={"max_steps": 400, "checkpoint_every": 10, "log_every": 10},
+                   data={"num_frames": 3, "height": 16, "width": 16},
+                   validation={"every": 10, "seeds": [0], "prompts": ["a red circle moving left"]})
+    raw["run"]["name"] = "kill-resume"
+    config = write(tmp_path / "run.yaml", raw)
+    run_id = run(env, "train/train", {"config": config})
+    wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "a first checkpoint")
+    # Training prints nothing between its first and last step: its validations are published all the same.
+    made = wait_for(lambda: {a["key"]: a for a in artifacts(env, run_id)}.get("kill-resume-metrics"), 60,
+                    "the first validation's artifacts")
+    assert flow_run(env, run_id)["state_type"] == "RUNNING"
+    step = made["description"].rsplit(" ", 1)[1]  # "kill-resume metrics up to step-000010"
+    assert max(row["step"] for row in json.loads(made["data"])) <= int(step.split("-")[1])
+    for pid in flow_run_processes(run_id):  # the job and everything it started
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["pkill", "-9", "-f", str(config)], check=False)  # the launcher's training ranks
+    killed = finished(env, run_id, timeout=120)
+    latest = (out / "checkpoints" / "latest").read_text()
+    complete = (out / "checkpoints" / latest / "MANIFEST.json").exists()
+
+    raw["training"]["max_steps"] = int(latest.split("-")[1]) + 10
+    write(tmp_path / "run.yaml", raw)
+    resumed = run(env, "train/train", {"config": config, "resume": True})
+    return SimpleNamespace(env=env, out=out, killed=killed, latest=latest, complete=complete, resumed=resumed,
+                           max_steps=raw["training"]["max_steps"])
+
+
+def test_a_job_killed_mid_run_is_crashed_and_keeps_its_checkpoint(killed_run):
+    assert killed_run.killed["state_type"] == "CRASHED"
+    assert killed_run.complete, killed_run.latest  # the checkpoint `latest` named after the kill: MANIFEST.json
+
+
 def deployments(env: dict, pool: str) -> dict[str, dict]:
     return {d["name"]: d for d in api(env, "deployments/filter", {}) if d["work_pool_name"] == pool}
 
@@ -358,48 +413,11 @@ def test_deployed_train_with_a_bad_config_fails_in_its_first_task(worker, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def flow_run_processes(run_id: str) -> list[int]:
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes():
-                pids.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return pids
-
-
-def test_a_job_killed_mid_run_is_crashed_and_resumes_from_its_checkpoint(worker, tmp_path):
-    env, _ = worker
-    out = tmp_path / "run"
-    raw = tiny_raw(out, training={"max_steps": 400, "checkpoint_every": 10, "log_every": 10},
-                   data={"num_frames": 3, "height": 16, "width": 16},
-                   validation={"every": 10, "seeds": [0], "prompts": ["a red circle moving left"]})
-    raw["run"]["name"] = "kill-resume"
-    config = write(tmp_path / "run.yaml", raw)
-    run_id = run(env, "train/train", {"config": config})
-    wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "a first checkpoint")
-    # Training prints nothing between its first and last step: its validations are published all the same.
-    made = wait_for(lambda: {a["key"]: a for a in artifacts(env, run_id)}.get("kill-resume-metrics"), 60,
-                    "the first validation's artifacts")
-    assert flow_run(env, run_id)["state_type"] == "RUNNING"
-    step = made["description"].rsplit(" ", 1)[1]  # "kill-resume metrics up to step-000010"
-    assert max(row["step"] for row in json.loads(made["data"])) <= int(step.split("-")[1])
-    for pid in flow_run_processes(run_id):  # the job and everything it started
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    subprocess.run(["pkill", "-9", "-f", str(config)], check=False)  # the launcher's training ranks
-    assert finished(env, run_id, timeout=120)["state_type"] == "CRASHED"
-    latest = (out / "checkpoints" / "latest").read_text()
-    assert (out / "checkpoints" / latest / "MANIFEST.json").exists()
-
-    raw["training"]["max_steps"] = int(latest.split("-")[1]) + 10
-    write(tmp_path / "run.yaml", raw)
-    resumed = run(env, "train/train", {"config": config, "resume": True})
-    assert finished(env, resumed)["state_type"] == "COMPLETED"
-    assert (out / "checkpoints" / "latest").read_text() == f"step-{raw['training']['max_steps']:06d}"
+def test_a_killed_job_resumes_from_its_checkpoint(killed_run):
+    """The resume submitted by `killed_run` (after the GPU slot's lease of the killed job lapsed)."""
+    env, out = killed_run.env, killed_run.out
+    assert finished(env, killed_run.resumed)["state_type"] == "COMPLETED"
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{killed_run.max_steps:06d}"
 
 
 def test_flow_defaults_name_what_the_demo_pipeline_writes():

@@ -1,4 +1,4 @@
-"""The Prefect flows under Prefect's test harness (a temporary local server)."""
+"""The Prefect flows in this process, against a temporary local server (as under Prefect's test harness)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,25 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from distill.config import ConfigError
+from prefect_server import flows_in_this_process
 from tiny import tiny_raw
 
-pytestmark = pytest.mark.prefect_server  # flows under prefect_test_harness (a temporary server)
+pytestmark = pytest.mark.prefect_server  # flows against a temporary Prefect server
 
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
+def harness(flows_prefect_server):
+    """A temporary server of this module's own (a new database), started after collection by conftest.py so that it
+    boots while the tests before this module run; flows run in this process against it, as under
+    prefect_test_harness. A job waiting for a concurrency slot (test_gpu_jobs_on_one_host_take_turns) retries within
+    1 s there (tests/prefect_server.py)."""
+    with flows_in_this_process(flows_prefect_server):
         yield
+    flows_prefect_server.stop()
 
 
 def write(path: Path, data: dict) -> str:
