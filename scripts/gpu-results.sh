@@ -5,6 +5,8 @@
 #   scripts/gpu-results.sh shapes-students   the 4-step and the 1-step DMD2 students, trained side by side on one GPU
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
+#   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
+#     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
 #     4-step and the first 1-step one), side by side, and one comparison per step count.
@@ -138,6 +140,39 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
     distill compare "$(bench_of runs/gpu/student-4)" "$(bench_of runs/gpu/student-1)" --out "$out/compare"
     find runs/gpu -name '*.gif' -prune -o -type f \( -path '*/bench/*' -o -path '*/validation/*' -o -name metrics.jsonl \
       -o -name config.yaml \) -print | tar czf "$out/shapes-results.tgz" -T -
+    ;;
+  levers)
+    # one lever per run over the default DMD2 step of `wan` (docs/PERFORMANCE.md, "Levers")
+    declare -A LEVER=(
+      [base]="--iterations 12"
+      [ckpt2]="--iterations 12 --set model.checkpoint_every=2"
+      [ckpt3]="--iterations 12 --set model.checkpoint_every=3"
+      [nockpt]="--iterations 12 --no-checkpointing"
+      [cudnn]="--iterations 12 --set model.attention_backend=_native_cudnn"
+      [flash]="--iterations 12 --set model.attention_backend=_native_flash"
+      [unbatched]="--iterations 12 --set model.batched_cfg=false"
+      [fused]="--iterations 12 --set training.optimizer_implementation=fused"
+      [compile]="--iterations 16 --warmup 6 --set model.compile=true"
+      [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
+--set training.optimizer_implementation=fused"
+    )
+    mkdir -p "$out/levers"
+    for name in ${LEVERS:-base ckpt2 nockpt unbatched fused compile}; do
+      [ "$name" = latency ] && { python3 -m distill.bench.wan_latency --json "$out/levers/latency.json" 2>&1 \
+        | quiet > "$out/levers/latency.log"; continue; }
+      [ "$name" = latency-compile ] && { python3 -m distill.bench.wan_latency --set model.compile=true \
+        --json "$out/levers/latency-compile.json" 2>&1 | quiet > "$out/levers/latency-compile.log"; continue; }
+      [ -n "${LEVER[$name]+x}" ] || { echo "unknown lever $name" >&2; continue; }
+      # shellcheck disable=SC2086
+      python3 -m distill.bench.dmd2_step ${LEVER[$name]} --json "$out/levers/$name.json" 2>&1 | quiet \
+        > "$out/levers/$name.log" || true
+      python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], {k: r.get(k) for k in (
+'seconds_per_sample', 'mfu', 'student_update_seconds', 'critic_only_seconds', 'peak_memory_gib')})" \
+        "$out/levers/$name.json" "$name" 2>/dev/null || echo "$name: failed (see levers/$name.log)"
+      tar czf "$out/levers.tgz" -C "$out" levers
+    done
+    tar czf "$out/levers.tgz" -C "$out" levers
+    touch "$out/LEVERS_DONE"
     ;;
   wan)
     python3 -m distill.bench.dmd2_step --iterations 12 --json "$out/wan_dmd2_step.json" 2>&1 | quiet | tail -30
