@@ -44,6 +44,12 @@ class ModelConfig:
     """torch.compile mode of the blocks (inductor's); unset = torch's default."""
     compile_backend: str = "inductor"
     """torch.compile backend of the blocks (inductor; aot_eager or eager to debug)."""
+    vae_channels_last: bool = False
+    """Hold the VAE's 5-D conv weights channels-last (`torch.channels_last_3d`), so its convolutions run in the
+    layout cuDNN is fastest in; the same numbers up to float rounding (latent models only)."""
+    vae_compile: bool = False
+    """torch.compile the VAE's decoder (with `compile_mode` and `compile_backend`), in place; it compiles on the first
+    decode of each video length (latent models only)."""
     init_seed: int = 0
     """Seed of a preset's random weights, in [0, 2**32): the same seed gives the same weights in every run and tool."""
     batched_cfg: bool = True
@@ -68,10 +74,15 @@ class ModelConfig:
         if self.checkpoint_every != 1 and not self.gradient_checkpointing:
             raise ConfigError(f"{path}.checkpoint_every: only means something with {path}.gradient_checkpointing: "
                               f"true (got {self.checkpoint_every} with gradient checkpointing off)")
-        if not self.compile:
+        if not (self.compile or self.vae_compile):
             for key, unset in (("compile_mode", None), ("compile_backend", "inductor")):
                 if getattr(self, key) != unset:
-                    raise ConfigError(f"{path}.{key}: only means something with {path}.compile: true")
+                    raise ConfigError(f"{path}.{key}: only means something with {path}.compile: true or "
+                                      f"{path}.vae_compile: true")
+        if self.pixel_space:
+            for key in ("vae_channels_last", "vae_compile"):
+                if getattr(self, key):
+                    raise ConfigError(f"{path}.{key}: a pixel-space model ({path}.pixel_space: true) has no VAE")
         if self.compile_mode is not None and self.compile_backend != "inductor":
             raise ConfigError(f"{path}.compile_mode: the modes are inductor's; with compile_backend "
                               f"{self.compile_backend!r} leave it unset")

@@ -100,7 +100,7 @@ def check_runtime(cfg: Config) -> None:
             raise ConfigError("training.mixed_precision: bf16 training runs on GPU; use auto or fp32 on CPU")
         if tr.optimizer_implementation == "fused":
             check_fused_adamw(device)
-    if m.attention_backend is not None or m.compile:  # only these need the model library
+    if m.attention_backend is not None or m.compile or m.vae_compile:  # only these need the model library
         from distill import registry
         from distill.device import resolve_device
 

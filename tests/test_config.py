@@ -177,6 +177,10 @@ def test_the_model_speed_settings_are_accepted_and_default_to_today_s_behaviour(
                                                                                     "max-autotune-no-cudagraphs")
     model = build_config(with_changes(("model.compile", True), ("model.compile_backend", "aot_eager"))).model
     assert model.compile and model.compile_backend == "aot_eager" and model.compile_mode is None
+    assert (default.vae_channels_last, default.vae_compile) == (False, False)
+    model = build_config(with_changes(("model.pixel_space", False), ("model.vae_channels_last", True),
+                                      ("model.vae_compile", True), ("model.compile_mode", "max-autotune"))).model
+    assert model.vae_channels_last and model.vae_compile and not model.compile and model.compile_mode == "max-autotune"
 
 
 def test_method_config_defaults_when_omitted():

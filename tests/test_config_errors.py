@@ -126,6 +126,10 @@ BAD = [
                  id="compile_backend-without-compile"),
     pytest.param([("model.compile", True), ("model.compile_backend", "eager"), ("model.compile_mode", "max-autotune")],
                  ["model.compile_mode", "inductor", "'eager'"], id="compile_mode-not-inductor"),
+    pytest.param([("model.pixel_space", True), ("model.vae_channels_last", True)],
+                 ["model.vae_channels_last", "model.pixel_space: true", "no VAE"], id="vae_channels_last-pixel-space"),
+    pytest.param([("model.pixel_space", True), ("model.vae_compile", True)],
+                 ["model.vae_compile", "model.pixel_space: true", "no VAE"], id="vae_compile-pixel-space"),
     # required keys
     pytest.param([("method", DELETE)], ["method", "required key is missing"], id="missing-method"),
     pytest.param([("model", DELETE)], ["model", "required key is missing"], id="missing-model"),

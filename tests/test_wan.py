@@ -410,6 +410,52 @@ def test_compiled_blocks_give_the_same_outputs_and_gradients_and_keep_the_state_
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("settings", [
+    {"vae_channels_last": True},
+    pytest.param({"vae_channels_last": True, "vae_compile": True, "compile_backend": "eager"},  # dynamo's graphs
+                 marks=pytest.mark.slow),
+], ids=["channels-last", "channels-last-compiled"])
+def test_vae_fast_paths_decode_as_stock_compile_a_bounded_set_of_graphs_and_export_stock(tmp_path, settings):
+    import torch._dynamo
+    from diffusers import AutoencoderKLWan
+    from torch._dynamo.utils import counters
+
+    data = {"num_frames": 9, "height": 16, "width": 16}
+    stock = WanPlugin(tiny_config(tmp_path / "a", model={"pixel_space": False}, data=data), device=torch.device("cpu"))
+    fast = WanPlugin(tiny_config(tmp_path / "b", model={"pixel_space": False, **settings}, data=data),
+                     device=torch.device("cpu"))
+    assert list(fast.vae.state_dict()) == list(stock.vae.state_dict())
+    conv = fast.vae.decoder.conv_in.weight
+    assert conv.dim() == 5 and conv.is_contiguous(memory_format=torch.channels_last_3d)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for frames in (3, 5, 7, 3):  # latent frames: three lengths, then the first again
+        z = torch.randn(1, 4, frames, 2, 2, generator=torch.Generator().manual_seed(frames))
+        want = stock.vae.decode(z, return_dict=False)[0]
+        got = fast.vae.decode(z, return_dict=False)[0]
+        assert got.shape == want.shape == (1, 3, 4 * frames - 3, 16, 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    if settings.get("vae_compile"):
+        # first frame, second frame, the rest: three graphs, three more when the length first changes (its
+        # strides then become dynamic), none after; far under the recompile limit, so nothing falls back to eager
+        assert graphs == [3, 6, 6, 6] and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    # the export is a stock folder whatever the layout in memory
+    fast.export_pipeline(fast_export_source(fast, tmp_path), tmp_path / "export",
+                         SamplingSpec(sampler_kind="ode", num_inference_steps=4))
+    loaded = AutoencoderKLWan.from_pretrained(tmp_path / "export" / "vae")
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, stock.vae.state_dict()[name], rtol=0, atol=0)
+
+
+def fast_export_source(plugin: WanPlugin, tmp_path) -> str:
+    """A modules folder holding a transformer, as a checkpoint's export reads it."""
+    folder = tmp_path / "modules"
+    plugin.new_denoiser().save_pretrained(folder / plugin.denoiser_key)
+    return str(folder)
+
+
 def cuda_or_module(module: str) -> bool:
     import importlib.util
 

@@ -124,11 +124,7 @@ class ModelPlugin(ABC):
         if m.attention_backend is not None:
             module.set_attention_backend(m.attention_backend)
         if m.compile:
-            import torch._dynamo
-
-            # Every role and mode (with or without grad, train or eval, a bf16 teacher, another video size) is one
-            # more graph of the same block code; past dynamo's default limit of 8 the blocks silently run eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            raise_recompile_limit()
             module.compile_repeated_blocks(mode=m.compile_mode, backend=m.compile_backend)
 
     @classmethod
@@ -136,7 +132,7 @@ class ModelPlugin(ABC):
         """Checks of the model section that need the device or optional packages, made before any model is built
         (preflight, and a plugin being built): a ConfigError naming the key. `backward`: roles will train."""
         m = cfg.model
-        if m.compile:
+        if m.compile or m.vae_compile:
             import torch._dynamo
 
             known = torch._dynamo.list_backends(exclude_tags=())  # with the debug ones: eager, aot_eager
@@ -319,3 +315,11 @@ def _init_order(roles: dict) -> list[str]:
     for name in roles:
         visit(name)
     return order
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Every role and mode (with or without grad, train or eval, a bf16 teacher, another video size) is one more
+    graph of the same compiled code; past dynamo's default limit of 8 that code silently runs eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)

@@ -20,7 +20,7 @@ from distill.adapter import Batch, BatchError, LatentsSource
 from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError
-from distill.models.base import cast_frozen
+from distill.models.base import cast_frozen, raise_recompile_limit
 from distill.models.flow_match import FlowMatchFamily
 from distill.roles import RoleHandle
 from distill.validation import SamplingSpec
@@ -95,7 +95,7 @@ class WanPlugin(FlowMatchFamily):
             raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
         if m.path is not None and hub_id(m.path) is None and not Path(m.path).is_dir():
             raise ConfigError(f"model.path: {m.path} is not a folder")
-        self.vae = None if m.pixel_space else self._frozen(self._load_vae())
+        self.vae = None if m.pixel_space else self._set_up_vae(self._frozen(self._load_vae()))
         self.tokenizer = self._load_tokenizer()
         self._text_encoder: nn.Module | None = None  # built on first use: batches may carry embeddings
         self._embeds: dict[str, torch.Tensor] = {}
@@ -148,6 +148,21 @@ class WanPlugin(FlowMatchFamily):
             return AutoencoderKLWan.from_pretrained(self.cfg.model.pretrained, subfolder="vae", torch_dtype=torch.float32)
         with self._preset_seed("vae"):
             return AutoencoderKLWan(**self._preset("vae"))
+
+    def _set_up_vae(self, vae: AutoencoderKLWan) -> AutoencoderKLWan:
+        """The model section's VAE speed settings, in place (its state-dict keys stay): channels-last conv weights,
+        a compiled decoder. Every decode goes through them: validation, the bench, WanPipeline."""
+        m = self.cfg.model
+        if m.vae_channels_last:
+            for conv in (m for m in vae.modules() if isinstance(m, nn.Conv3d)):  # (module.to takes 4-D norms too)
+                conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        if m.vae_compile:
+            # The decoder runs once per latent frame with the causal cache's lists: the first frame, the second (a
+            # one-frame cache) and the rest are three graphs, three more when the video length first changes (then
+            # its strides are dynamic), and none after (tested): far under the raised limit, nothing runs eager.
+            raise_recompile_limit()
+            vae.decoder.compile(mode=m.compile_mode, backend=m.compile_backend)
+        return vae
 
     def _load_tokenizer(self):
         if self.cfg.model.path is not None:

@@ -312,7 +312,8 @@ _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_ba
                "run.name",
                # how the model runs, not what it computes (and absent from checkpoints written before them)
                "model.gradient_checkpointing", "model.checkpoint_every", "model.attention_backend", "model.compile",
-               "model.compile_mode", "model.compile_backend", "model.batched_cfg", "training.optimizer_implementation"}
+               "model.compile_mode", "model.compile_backend", "model.batched_cfg", "model.vae_channels_last",
+               "model.vae_compile", "training.optimizer_implementation"}
 
 
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
