@@ -172,7 +172,8 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
         > "$out/levers/$name.log" || true
       python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], {k: r.get(k) for k in (
 'seconds_per_sample', 'mfu', 'student_update_seconds', 'critic_only_seconds', 'peak_memory_gib')})" \
-        "$out/levers/$name.json" "$name" 2>/dev/null || echo "$name: failed (see levers/$name.log)"
+        "$out/levers/$name.json" "$name" 2>/dev/null || { echo "$name: failed; the end of levers/$name.log:"
+        tail -n 4 "$out/levers/$name.log" | cut -c1-300; }  # in the call's output too, should the files not come back
       tar czf "$out/levers.tgz" -C "$out" levers
     done
     tar czf "$out/levers.tgz" -C "$out" levers
