@@ -163,7 +163,7 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [ "$name" = latency-compile ] && { python3 -m distill.bench.wan_latency --set model.compile=true \
         --json "$out/levers/latency-compile.json" 2>&1 | quiet > "$out/levers/latency-compile.log"; continue; }
       # the fast path for student and teacher alike: compiled blocks, channels-last conv weights, compiled decoder
-      [ "$name" = latency-fast ] && { python3 -m distill.bench.wan_latency --set model.compile=true \
+      [ "$name" = latency-fast ] && { python3 -m distill.bench.wan_latency --against-stock --set model.compile=true \
         --set model.vae_channels_last=true --set model.vae_compile=true \
         --json "$out/levers/latency-fast.json" 2>&1 | quiet > "$out/levers/latency-fast.log"; continue; }
       [ -n "${LEVER[$name]+x}" ] || { echo "unknown lever $name" >&2; continue; }

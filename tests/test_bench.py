@@ -261,11 +261,13 @@ def test_the_latency_bench_takes_config_overrides_and_records_them(tmp_path, cap
 
     sets = ["model.max_text_length=16", "model.attention_backend=native", "model.vae_channels_last=true"]
     result = latency_main([*TINY_WAN, "--teacher-steps", "2", "--repeats", "1", "--json", str(tmp_path / "l.json"),
-                           *(a for s in sets for a in ("--set", s))])
+                           "--against-stock", *(a for s in sets for a in ("--set", s))])
     assert json.loads((tmp_path / "l.json").read_text())["overrides"] == sets
     assert result["model"]["attention_backend"] == "native" and result["model"]["max_text_length"] == 16
     assert result["first_forward_seconds"] > 0 and result["student"]["nfe"] == 4
     assert result["model"]["vae_channels_last"] and result["first_vae_decode_seconds"] > 0
+    # the same seeded weights and embeddings without the speed settings: the same video, up to fp32 rounding
+    assert result["student_video_against_stock"]["max_grey_levels"] <= 1
     with pytest.raises(SystemExit) as exit_:
         latency_main([*TINY_WAN, "--set", "model.attention_backend=flash3"])
     assert exit_.value.code == 2 and "model.attention_backend: unknown attention backend 'flash3'" in capsys.readouterr().err

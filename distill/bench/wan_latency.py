@@ -8,7 +8,10 @@ path: the Wan validator, WanPipeline, the bf16 VAE decode. Prints the median of 
 transformer forward, of a VAE decode, and of each sampler end to end and denoising alone,
 then the speed-ups and the student's denoising against k forwards. `--set KEY=VALUE` overrides any
 key of the config it builds (`--set model.attention_backend=_native_cudnn`), as `distill train
---set` does; the overrides and the resolved model section are in the output. Asserts nothing.
+--set` does; the overrides and the resolved model section are in the output. With `--against-stock`,
+the student's video of seed 1 is also sampled with the speed settings among the overrides left out
+(compile, attention backend, batched CFG, the VAE's), and the largest difference of their 8-bit frames is
+reported: what a fast path changes in what a user sees. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from distill.bench.inference import card, versions
 from distill.config import apply_overrides, build_config, to_dict
 from distill.errors import InputError
 from distill.validation import SamplingSpec, ValidationRequest
+
+
+SPEED_KEYS = ("model.compile", "model.compile_mode", "model.compile_backend", "model.attention_backend",
+              "model.batched_cfg", "model.vae_channels_last", "model.vae_compile")
+"""Keys that change how the model runs, not what it computes: `--against-stock` leaves them out."""
 
 
 def _sync() -> None:
@@ -54,6 +62,8 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--against-stock", action="store_true",
+                   help="also sample the student without the speed settings and report the largest frame difference")
     add_overrides(p)
     args = p.parse_args(argv)
 
@@ -62,15 +72,19 @@ def main(argv=None) -> dict:
     size = {"num_frames": args.frames, "height": args.height, "width": args.width}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
+
+    def build(overrides: list[str]):
         cfg = build_config(apply_overrides({
             "model": {"family": "wan", "preset": args.preset, "flow_shift": 3.0},
             "roles": {"teacher": {"trainable": False}, "student": {"init_from": "teacher", "trainable": True},
                       "critic": {"init_from": "teacher", "trainable": True}},
             "method": "dmd2", "method_config": {"dmd_denoising_steps": args.steps, "warp_denoising_step": True},
             "data": {"prompts": ["a red panda eating bamboo"], **size},
-        }, args.overrides))
-        plugin = registry.get_model("wan")(cfg, device=device, frozen_dtype=dtype)
+        }, overrides))
+        return cfg, registry.get_model("wan")(cfg, device=device, frozen_dtype=dtype)
+
+    try:
+        cfg, plugin = build(args.overrides)
     except InputError as err:
         p.exit(2, f"{p.prog}: error: {err}\n")
     model = plugin.build_roles(["teacher"])["teacher"]
@@ -98,12 +112,10 @@ def main(argv=None) -> dict:
         first_decode = timed(decode_call, repeats=1, warmup=0)  # with model.vae_compile, the decoder compiles here
         decode = timed(decode_call, args.repeats)
 
-    validator = plugin.validator()
-
-    def sample(how: SamplingSpec, seeds: list[int]):
+    def sample(how: SamplingSpec, seeds: list[int], plugin=plugin, model=model):
         request = ValidationRequest(sample_handle=model, prompts=["a red panda eating bamboo"], seeds=seeds,
                                     output_dir=None, sampling=how, **size)
-        return validator.run(request)
+        return plugin.validator().run(request)
 
     rows = {}
     for name, how in (("student", student),
@@ -115,6 +127,15 @@ def main(argv=None) -> dict:
                       "denoising_seconds": statistics.median(result.denoising_seconds_per_video),
                       "nfe": result.function_evaluations_per_video, "timesteps": result.timesteps}
     s, t = rows["student"], rows["teacher"]
+    stock_difference = None
+    if args.against_stock:
+        fast_frames = sample(student, [1]).frames[0]
+        _, stock_plugin = build([o for o in args.overrides if o.split("=", 1)[0].strip() not in SPEED_KEYS])
+        stock_plugin._embeds.update(plugin._embeds)  # the same random prompt embeddings; the same seeded weights
+        stock_frames = sample(student, [1], plugin=stock_plugin,
+                              model=stock_plugin.build_roles(["teacher"])["teacher"]).frames[0]
+        diff = (torch.as_tensor(fast_frames).int() - torch.as_tensor(stock_frames).int()).abs()
+        stock_difference = {"max_grey_levels": int(diff.max()), "mean_grey_levels": float(diff.float().mean())}
     result = {
         "card": card(device), "versions": versions(), "preset": args.preset, "size": size,
         "tokens": shape[1] * shape[2] * shape[3] // 4,
@@ -125,6 +146,7 @@ def main(argv=None) -> dict:
         "speedup_denoising": t["denoising_seconds"] / s["denoising_seconds"],
         "student_denoising_over_k_forwards": s["denoising_seconds"] / (k * forward),
         "ceiling_end_to_end": (t["denoising_seconds"] + decode) / (k * forward + decode),
+        "student_video_against_stock": stock_difference,
     }
     print(json.dumps(result, indent=2))
     if args.json:
