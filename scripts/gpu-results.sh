@@ -153,6 +153,10 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [unbatched]="--iterations 12 --set model.batched_cfg=false"
       [fused]="--iterations 12 --set training.optimizer_implementation=fused"
       [compile]="--iterations 16 --warmup 6 --set model.compile=true"
+      # torch.profiler of one student update and one critic-only iteration: top operators in the JSON, the
+      # (large) traces beside levers/, not in levers.tgz
+      [profile]="--iterations 7 --profile $out/traces/base"
+      [profile-compile]="--iterations 12 --warmup 6 --set model.compile=true --profile $out/traces/compile"
       [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
 --set training.optimizer_implementation=fused"
     )

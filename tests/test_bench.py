@@ -247,9 +247,15 @@ def test_the_dmd2_step_bench_takes_config_overrides_and_records_them(tmp_path, c
     # The next lever, measured in the same folder.
     step_main([*TINY_WAN, "--text-length", "16", "--text-dim", "32", "--iterations", "2", "--warmup", "1",
                "--zero-stage", "1", "--output", str(tmp_path / "run"), "--json", str(tmp_path / "step.json"),
-               "--set", "model.gradient_checkpointing=false"])
+               "--set", "model.gradient_checkpointing=false", "--profile", str(tmp_path / "profile")])
     result = json.loads((tmp_path / "step.json").read_text())
     assert result["activation_checkpointing"] is False and result["overrides"] == ["model.gradient_checkpointing=false"]
+    # one profiled iteration of each kind: a trace to open in Perfetto, and its top operators in the result
+    for kind in ("student_update", "critic_only"):
+        assert (tmp_path / "profile" / f"trace-{kind}.json.gz").stat().st_size > 0
+        top = result["profile"][kind]["top"]
+        assert len(top) == 15 and top[0]["self_ms"] >= top[-1]["self_ms"] > 0
+        assert 0 < sum(op["share"] for op in top) <= 1 + 1e-9
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         step_main([*TINY_WAN, "--output", str(tmp_path / "bad"), "--set", "model.checkpoint_every=0"])

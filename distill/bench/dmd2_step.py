@@ -61,7 +61,8 @@ def bench_config(args) -> dict:
                           "real_score_guidance_scale": 3.5,
                           **({"gan_critic_weight": 1e-2, "gan_generator_weight": 5e-3} if args.gan else {}),
                           **({"ema_decay": 0.99} if args.ema else {})},
-        "training": {"max_steps": args.iterations, "batch_size": 1, "learning_rate": 2e-6, "betas": [0.0, 0.999],
+        # (a profile runs up to one interval of iterations past the timed ones)
+        "training": {"max_steps": args.iterations + (2 * args.interval if args.profile else 0), "batch_size": 1, "learning_rate": 2e-6, "betas": [0.0, 0.999],
                      "fake_score_learning_rate": 8e-6, "progress_bar": False, "log_every": 1},
         "data": {"prompts": ["unused: embeddings are given"], "num_frames": args.frames,
                  "height": args.height, "width": args.width,
@@ -88,6 +89,9 @@ def main(argv=None) -> dict:
     p.add_argument("--ema", action="store_true", help="with an EMA of the student")
     p.add_argument("--output", default="runs/bench-dmd2-step")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile one student-update and one critic-only iteration: Chrome traces "
+                        "into DIR, their top operators into the result")
     add_overrides(p)
     args = p.parse_args(argv)
     if args.iterations <= args.warmup:
@@ -112,6 +116,10 @@ def main(argv=None) -> dict:
         p.exit(2, f"{p.prog}: error: {err}\n")
     build_seconds = time.perf_counter() - t0
     figures = measure(trainer, iterations=args.iterations - args.warmup, warmup=args.warmup)
+    if args.profile:
+        from distill.bench.training import profile_kinds
+
+        figures["profile"] = profile_kinds(trainer, args.profile)
     for row in figures["rows"]:
         print(json.dumps(row), flush=True)
     result = {

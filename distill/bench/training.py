@@ -151,6 +151,44 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
     }
 
 
+def profile_kinds(trainer, out_dir, top: int = 15) -> dict:
+    """torch.profiler over one iteration of each of the method's update kinds (DMD2: a student update and a
+    critic-only one), run after `measure`. Writes `trace-<kind>.json.gz` (Chrome / Perfetto) into `out_dir`
+    and returns each kind's top operators by self time on the device (the CPU without one)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    device = trainer.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for kind in trainer.method.update_kinds:
+        for _ in range(64):  # run up to the next iteration of this kind (DMD2: within generator_update_interval)
+            if trainer.method.iteration_kind(trainer.iteration) == kind:
+                break
+            trainer.train_iteration()
+        else:
+            raise RuntimeError(f"no {kind} iteration within 64 iterations")
+        _sync(device)
+        with profile(activities=activities) as prof:
+            trainer.train_iteration()
+            _sync(device)
+        prof.export_chrome_trace(str(out_dir / f"trace-{kind}.json.gz"))
+        on_device = device.type == "cuda"
+        averages = prof.key_averages()
+        self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+        total = sum(self_us(e) for e in averages) or 1.0
+        result[kind] = {
+            "clock": "device" if on_device else "cpu",
+            "total_ms": total / 1e3,
+            "top": [{"name": e.key, "self_ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
+                    for e in sorted(averages, key=self_us, reverse=True)[:top]],
+        }
+    return result
+
+
 def throughput_trainer(cfg):
     """A Trainer of `cfg` for timing only: fresh weights, a temporary output folder, no validation."""
     import tempfile
