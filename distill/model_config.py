@@ -15,6 +15,12 @@ from distill.strict import check_seeds, positive
 MAX_FLOW_SHIFT = 20.0
 """The largest flow shift a config takes: flow-matching video models use 3 to 17."""
 
+RUNTIME_KEYS = ("model.gradient_checkpointing", "model.checkpoint_every", "model.attention_backend", "model.compile",
+                "model.compile_mode", "model.compile_backend", "model.batched_cfg", "model.vae_channels_last",
+                "model.vae_compile")
+"""Keys of this section that change how the model runs, not what it computes: a resumed run may change them, and
+`wan_latency --against-stock` leaves them out of its stock build."""
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 

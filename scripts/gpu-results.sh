@@ -160,16 +160,21 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
 --set training.optimizer_implementation=fused"
     )
+    declare -A LATENCY=(  # wan_latency runs
+      [latency]=""
+      [latency-compile]="--set model.compile=true"
+      # the fast path for student and teacher alike: compiled blocks, channels-last conv weights, compiled decoder
+      [latency-fast]="--against-stock --set model.compile=true --set model.vae_channels_last=true \
+--set model.vae_compile=true"
+    )
     mkdir -p "$out/levers"
     for name in ${LEVERS:-base ckpt2 nockpt unbatched fused compile}; do
-      [ "$name" = latency ] && { python3 -m distill.bench.wan_latency --json "$out/levers/latency.json" 2>&1 \
-        | quiet > "$out/levers/latency.log"; continue; }
-      [ "$name" = latency-compile ] && { python3 -m distill.bench.wan_latency --set model.compile=true \
-        --json "$out/levers/latency-compile.json" 2>&1 | quiet > "$out/levers/latency-compile.log"; continue; }
-      # the fast path for student and teacher alike: compiled blocks, channels-last conv weights, compiled decoder
-      [ "$name" = latency-fast ] && { python3 -m distill.bench.wan_latency --against-stock --set model.compile=true \
-        --set model.vae_channels_last=true --set model.vae_compile=true \
-        --json "$out/levers/latency-fast.json" 2>&1 | quiet > "$out/levers/latency-fast.log"; continue; }
+      if [ -n "${LATENCY[$name]+x}" ]; then
+        # shellcheck disable=SC2086
+        python3 -m distill.bench.wan_latency ${LATENCY[$name]} --json "$out/levers/$name.json" 2>&1 | quiet \
+          > "$out/levers/$name.log" || echo "$name: failed; see levers/$name.log"
+        continue
+      fi
       [ -n "${LEVER[$name]+x}" ] || { echo "unknown lever $name" >&2; continue; }
       # shellcheck disable=SC2086
       python3 -m distill.bench.dmd2_step ${LEVER[$name]} --json "$out/levers/$name.json" 2>&1 | quiet \

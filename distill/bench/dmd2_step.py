@@ -61,8 +61,9 @@ def bench_config(args) -> dict:
                           "real_score_guidance_scale": 3.5,
                           **({"gan_critic_weight": 1e-2, "gan_generator_weight": 5e-3} if args.gan else {}),
                           **({"ema_decay": 0.99} if args.ema else {})},
-        # (a profile runs up to one interval of iterations past the timed ones)
-        "training": {"max_steps": args.iterations + (2 * args.interval if args.profile else 0), "batch_size": 1, "learning_rate": 2e-6, "betas": [0.0, 0.999],
+        # a profile runs past the timed iterations up to the next one of each kind: at most two intervals
+        "training": {"max_steps": args.iterations + (2 * args.interval if args.profile else 0), "batch_size": 1,
+                     "learning_rate": 2e-6, "betas": [0.0, 0.999],
                      "fake_score_learning_rate": 8e-6, "progress_bar": False, "log_every": 1},
         "data": {"prompts": ["unused: embeddings are given"], "num_frames": args.frames,
                  "height": args.height, "width": args.width,

@@ -160,7 +160,9 @@ def profile_kinds(trainer, out_dir, top: int = 15) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = trainer.device
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {}
@@ -176,9 +178,7 @@ def profile_kinds(trainer, out_dir, top: int = 15) -> dict:
             trainer.train_iteration()
             _sync(device)
         prof.export_chrome_trace(str(out_dir / f"trace-{kind}.json.gz"))
-        on_device = device.type == "cuda"
         averages = prof.key_averages()
-        self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
         total = sum(self_us(e) for e in averages) or 1.0
         result[kind] = {
             "clock": "device" if on_device else "cpu",

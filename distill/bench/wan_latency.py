@@ -26,12 +26,8 @@ from distill.arguments import Parser, add_overrides
 from distill.bench.inference import card, versions
 from distill.config import apply_overrides, build_config, to_dict
 from distill.errors import InputError
+from distill.model_config import RUNTIME_KEYS
 from distill.validation import SamplingSpec, ValidationRequest
-
-
-SPEED_KEYS = ("model.compile", "model.compile_mode", "model.compile_backend", "model.attention_backend",
-              "model.batched_cfg", "model.vae_channels_last", "model.vae_compile")
-"""Keys that change how the model runs, not what it computes: `--against-stock` leaves them out."""
 
 
 def _sync() -> None:
@@ -130,7 +126,7 @@ def main(argv=None) -> dict:
     stock_difference = None
     if args.against_stock:
         fast_frames = sample(student, [1]).frames[0]
-        _, stock_plugin = build([o for o in args.overrides if o.split("=", 1)[0].strip() not in SPEED_KEYS])
+        _, stock_plugin = build([o for o in args.overrides if o.split("=", 1)[0].strip() not in RUNTIME_KEYS])
         stock_plugin._embeds.update(plugin._embeds)  # the same random prompt embeddings; the same seeded weights
         stock_frames = sample(student, [1], plugin=stock_plugin,
                               model=stock_plugin.build_roles(["teacher"])["teacher"]).frames[0]

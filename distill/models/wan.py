@@ -154,7 +154,7 @@ class WanPlugin(FlowMatchFamily):
         a compiled decoder. Every decode goes through them: validation, the bench, WanPipeline."""
         m = self.cfg.model
         if m.vae_channels_last:
-            for conv in (m for m in vae.modules() if isinstance(m, nn.Conv3d)):  # (module.to takes 4-D norms too)
+            for conv in (module for module in vae.modules() if isinstance(module, nn.Conv3d)):  # (Module.to: 4-D too)
                 conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
         if m.vae_compile:
             # The decoder runs once per latent frame with the causal cache's lists: the first frame, the second (a

@@ -29,6 +29,7 @@ from torch import nn
 
 from distill.errors import ConfigError, NonFiniteError
 from distill.finite import described, nonfinite_names
+from distill.model_config import RUNTIME_KEYS
 from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, WITHDRAWN, CheckpointError,
                                 check_checksums, check_sizes, checkpoint_name, file_records, list_checkpoints,
                                 naming_the_newest, read_manifest, resolve_checkpoint, step_of)
@@ -311,9 +312,7 @@ _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_ba
                "training.keep_checkpoints", "training.keep_checkpoint_every", "validation", "storage", "run.output",
                "run.name",
                # how the model runs, not what it computes (and absent from checkpoints written before them)
-               "model.gradient_checkpointing", "model.checkpoint_every", "model.attention_backend", "model.compile",
-               "model.compile_mode", "model.compile_backend", "model.batched_cfg", "model.vae_channels_last",
-               "model.vae_compile", "training.optimizer_implementation"}
+               *RUNTIME_KEYS, "training.optimizer_implementation"}
 
 
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
