@@ -9,9 +9,9 @@ transformer forward, of a VAE decode, and of each sampler end to end and denoisi
 then the speed-ups and the student's denoising against k forwards. `--set KEY=VALUE` overrides any
 key of the config it builds (`--set model.attention_backend=_native_cudnn`), as `distill train
 --set` does; the overrides and the resolved model section are in the output. With `--against-stock`,
-the student's video of seed 1 is also sampled with the speed settings among the overrides left out
-(compile, attention backend, batched CFG, the VAE's), and the largest difference of their 8-bit frames is
-reported: what a fast path changes in what a user sees. Asserts nothing.
+the student's video of seed 1 is also sampled with the runtime keys among the overrides left out
+(`model_config.RUNTIME_KEYS`: compile, attention backend, batched CFG, the VAE's, ...), and the largest
+difference of their 8-bit frames is reported: what a fast path changes in what a user sees. Asserts nothing.
 """
 
 from __future__ import annotations
