@@ -256,6 +256,7 @@ def test_the_dmd2_step_bench_takes_config_overrides_and_records_them(tmp_path, c
         top = result["profile"][kind]["top"]
         assert len(top) == 15 and top[0]["self_ms"] >= top[-1]["self_ms"] > 0
         assert 0 < sum(op["share"] for op in top) <= 1 + 1e-9
+        assert result["profile"][kind]["wall_ms"] > 0 and "busy" not in result["profile"][kind]  # busy: on a GPU
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         step_main([*TINY_WAN, "--output", str(tmp_path / "bad"), "--set", "model.checkpoint_every=0"])

@@ -154,9 +154,12 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
 def profile_kinds(trainer, out_dir, top: int = 15) -> dict:
     """torch.profiler over one iteration of each of the method's update kinds (DMD2: a student update and a
     critic-only one), run after `measure`. Writes `trace-<kind>.json.gz` (Chrome / Perfetto) into `out_dir`
-    and returns each kind's top operators by self time on the device (the CPU without one)."""
+    and returns each kind's top operators by self time on the device (the CPU without one), and on a device
+    `busy`: the operators' device time over the iteration's wall time (below 1: idle gaps, e.g. launch-bound)."""
+    import time
     from pathlib import Path
 
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     device = trainer.device
@@ -175,16 +178,21 @@ def profile_kinds(trainer, out_dir, top: int = 15) -> dict:
             raise RuntimeError(f"no {kind} iteration within 64 iterations")
         _sync(device)
         with profile(activities=activities) as prof:
+            start = time.perf_counter()
             trainer.train_iteration()
             _sync(device)
+            wall_us = (time.perf_counter() - start) * 1e6
         prof.export_chrome_trace(str(out_dir / f"trace-{kind}.json.gz"))
-        averages = prof.key_averages()
-        total = sum(self_us(e) for e in averages) or 1.0
+        # Operators only: each kernel (and runtime event) is listed too, with the time its operator already has.
+        ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+        total = sum(self_us(e) for e in ops) or 1.0
         result[kind] = {
             "clock": "device" if on_device else "cpu",
             "total_ms": total / 1e3,
+            "wall_ms": wall_us / 1e3,
+            **({"busy": total / wall_us} if on_device else {}),
             "top": [{"name": e.key, "self_ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
-                    for e in sorted(averages, key=self_us, reverse=True)[:top]],
+                    for e in sorted(ops, key=self_us, reverse=True)[:top]],
         }
     return result
 
