@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	env -u PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m flows.pipeline configs/demo/pipeline.yaml
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The edit loop: no Docker build, no Prefect server, no multi-rank launch, no long training run (under 2 minutes).
 test-fast: $(VENV)/.installed

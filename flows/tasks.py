@@ -30,6 +30,7 @@ from distill.config import Config, ConfigError, StorageConfig, load_config, to_d
 from distill.errors import InputError
 from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint, open_checkpoint
 from distill.storage import StorageError, open_store
+from distill.training.run_folder import refuse_leftovers
 from flows.artifacts import publish_comparison, publish_report, publish_validations
 
 
@@ -158,6 +159,8 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
             return {"output": cfg.run.output, "checkpoints": checkpoint_uris(cfg.run.output, cfg.storage)}
     launched = [*overrides, "training.progress_bar=false"]
     resume, overwrite = start_flags(store, load_config(config, launched), resume)
+    if not resume and not overwrite:  # refused here, before the launcher and its ranks start, as the ranks would
+        refuse_leftovers(store, Path(cfg.storage.local_dir) if cfg.storage.local_dir else None)
     cmd = launcher_command(config, launched, num_gpus, resume, overwrite)
     logger.info("launching: " + " ".join(cmd))
     published: set[str] = set()

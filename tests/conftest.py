@@ -50,12 +50,27 @@ def prefect_server(config, name: str) -> PrefectServer:
 
 def pytest_collection_finish(session):
     """Start the Prefect servers that the selected tests use now, in the background: each boots (about 20 s of one
-    core) while the tests before its module run (see tests/prefect_server.py)."""
-    if session.config.option.collectonly:
+    core) while the tests before its module run (see tests/prefect_server.py). Under pytest-xdist (`make test`) a
+    worker does not know which modules it will get: each server starts when its module first asks for it, while
+    the other worker goes on."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
     for name in PREFECT_SERVER_FIXTURES:
         if any(name in getattr(item, "fixturenames", ()) for item in session.items):
             prefect_server(session.config, name)
+
+
+# The longest modules first (minutes each on two cores), the others in file order: `make test` hands whole modules
+# to two pytest-xdist workers, and a long module started last would leave one core idle at the end.
+LONGEST_MODULES = ("test_deploy.py", "test_flows.py", "test_checkpoint.py", "test_distributed.py", "test_shapes.py",
+                   "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # one process: file order (its Prefect servers boot meanwhile)
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_sessionfinish(session):

@@ -99,10 +99,13 @@ def test_a_failed_training_keeps_the_last_checkpoint_for_resume(tmp_path):
     raw = tiny_raw(tmp_path / "run", training={"max_steps": 4, "checkpoint_every": 2})
     config = write(tmp_path / "run.yaml", raw)
     assert train_flow(config)["checkpoints"][-1].endswith("step-000004")
-    # Training again over the same output without resume is refused by the trainer: the task fails.
+    # Training again over the same output without resume is refused before launching: the task fails.
     raw["training"]["max_steps"] = 6
     write(tmp_path / "run.yaml", raw)
-    assert train_flow(config, return_state=True).is_failed()
+    state = train_flow(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="run.output: .* already holds a run .*--resume"):
+        state.result()
     result = train_flow(config, resume=True)
     assert result["checkpoints"][-1].endswith("step-000006")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -55,21 +55,10 @@ class RunFolder:
         shutil.rmtree(self.local, ignore_errors=True)
 
     def leftovers(self) -> list[str]:
-        """Files an earlier run left (in the store, and in a separate working folder), the shard cache aside:
-        a fresh run among them would mix its metrics, events and checkpoints with theirs."""
-        keys = set(self.store.list())
-        if not self.store.is_local:
-            keys |= {p.relative_to(self.local).as_posix() for p in self.local.rglob("*") if p.is_file()}
-        return sorted(k for k in keys if not k.startswith(f"{SHARD_CACHE}/"))
+        return leftovers(self.store, self.local)
 
     def refuse_leftovers(self) -> None:
-        """A fresh run (neither --resume nor --overwrite) starts in an empty folder only."""
-        keys = self.leftovers()
-        if keys:
-            names = sorted({k.split("/")[0] + ("/" if "/" in k else "") for k in keys})
-            raise ConfigError(f"run.output: {self.store.uri} already holds a run ({', '.join(names[:6])}"
-                              f"{', ...' if len(names) > 6 else ''}); continue it with --resume, start it over "
-                              f"with --overwrite (deletes those files), or choose another run.output")
+        refuse_leftovers(self.store, self.local)
 
     def clear(self) -> None:
         """Delete an earlier run's files (--overwrite), the shard cache aside; called once models are built."""
@@ -110,3 +99,22 @@ def _first_missing(path: Path) -> Path | None:
     while not path.parent.exists():
         path = path.parent
     return path
+
+
+def leftovers(store: ArtifactStore, local: Path | None) -> list[str]:
+    """Files an earlier run left (in the store, and in a separate working folder `local`), the shard cache aside:
+    a fresh run among them would mix its metrics, events and checkpoints with theirs."""
+    keys = set(store.list())
+    if not store.is_local and local is not None and local.is_dir():
+        keys |= {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    return sorted(k for k in keys if not k.startswith(f"{SHARD_CACHE}/"))
+
+
+def refuse_leftovers(store: ArtifactStore, local: Path | None) -> None:
+    """A fresh run (neither --resume nor --overwrite) starts in an empty folder only."""
+    keys = leftovers(store, local)
+    if keys:
+        names = sorted({k.split("/")[0] + ("/" if "/" in k else "") for k in keys})
+        raise ConfigError(f"run.output: {store.uri} already holds a run ({', '.join(names[:6])}"
+                          f"{', ...' if len(names) > 6 else ''}); continue it with --resume, start it over "
+                          f"with --overwrite (deletes those files), or choose another run.output")
