@@ -320,6 +320,7 @@ def test_checkpoint_every_recomputes_only_every_nth_block_with_the_same_gradient
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the blocks of several configs
 def test_the_speed_settings_train_dmd2_to_the_same_losses(tmp_path):
     """Checkpointing every block or every other one, and all the settings at once (compiled blocks, the
     native attention backend) give the losses of none of them: through DeepSpeed engines, a frozen teacher,
@@ -408,6 +409,41 @@ def test_compiled_blocks_give_the_same_outputs_and_gradients_and_keep_the_state_
     torch.testing.assert_close(v, want_v, rtol=0, atol=1e-5)
     for got, want in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles the blocks of several configs
+def test_compiled_blocks_recompute_inside_their_graph_with_the_same_gradients(run_dir):
+    """compile with gradient checkpointing: each trainable block checkpoints inside its own forward, so its compiled
+    graph holds the recompute (diffusers' checkpointing around a compiled block gave other gradients on each call
+    on an H200); the forward keeps fewer activations, as many fewer as blocks recompute, and outputs and gradients
+    are those of the plain model. A frozen role is compiled as it is."""
+    def saved_and_grads(plugin, handle):
+        g = torch.Generator().manual_seed(0)
+        batch = plugin.prepare_batch({"prompt": ["a red circle moving left"]}, latents_source="zeros")
+        x_t, t = torch.randn(1, *plugin.latent_shape, generator=g), torch.tensor([700.0])
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            v = plugin.predict_velocity(handle, x_t, t, batch, conditional=True)
+        handle.modules["transformer"].zero_grad()
+        v.pow(2).mean().backward()
+        return sum(saved), v.detach(), [p.grad.clone() for p in handle.modules["transformer"].parameters()]
+
+    plain_plugin, plain = plugin_and_roles(tiny_config(run_dir, model={"preset": "small"}))
+    _, want_v, want_grads = saved_and_grads(plain_plugin, plain["student"])
+    saved = {}
+    compiled = {"preset": "small", "compile": True, "compile_backend": "aot_eager"}
+    for label, model in (("none", compiled), ("every", {**compiled, "gradient_checkpointing": True}),
+                         ("every-3", {**compiled, "gradient_checkpointing": True, "checkpoint_every": 3})):
+        plugin, roles = plugin_and_roles(tiny_config(run_dir, model=model))
+        student, teacher = (roles[n].modules["transformer"] for n in ("student", "teacher"))
+        assert not student.gradient_checkpointing  # not diffusers' way, around the compiled blocks
+        assert list(student.state_dict()) == list(plain["student"].modules["transformer"].state_dict())
+        assert type(teacher.blocks[0]) is type(plain["teacher"].modules["transformer"].blocks[0])
+        saved[label], v, grads = saved_and_grads(plugin, roles["student"])
+        torch.testing.assert_close(v, want_v, rtol=0, atol=1e-5)
+        for got, want in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert saved["every"] < saved["every-3"] < saved["none"], saved
 
 
 @pytest.mark.parametrize("settings", [

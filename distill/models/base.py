@@ -114,7 +114,13 @@ class ModelPlugin(ABC):
         activation checkpointing when it trains, the attention backend, regional compilation. Through the
         methods of diffusers' ModelMixin; a family of other models overrides it."""
         m = self.cfg.model
-        if trainable and m.gradient_checkpointing:
+        if trainable and m.gradient_checkpointing and m.compile:
+            # Inside each block, so that its compiled graph holds the recompute (torchtitan's order). diffusers'
+            # checkpointing wraps the compiled block instead: on an H200 (torch 2.11) that gave other gradients
+            # on each identical call (docs/PERFORMANCE.md, "compile").
+            for i, block in enumerate(self.denoiser_blocks(module)):
+                checkpoint_inside(block, recompute=i % m.checkpoint_every == 0)
+        elif trainable and m.gradient_checkpointing:
             if m.checkpoint_every == 1:
                 module.enable_gradient_checkpointing()
             else:
@@ -276,6 +282,30 @@ def checkpoint_marked_blocks(block: nn.Module, *args):
     if getattr(block, "_recompute", True):
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
     return block(*args)
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    if self._recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(self._plain_forward, *args, use_reentrant=False, **kwargs)
+    return self._plain_forward(*args, **kwargs)
+
+
+def checkpoint_inside(block: nn.Module, *, recompute: bool) -> None:
+    """Activation checkpointing in the block's own forward (when `recompute` and grad is on), so that compiling
+    the block compiles the checkpoint with it. The block's class becomes a subclass of the same name (diffusers'
+    `_repeated_blocks` matches by name) that only overrides `forward`: one forward for every block, so one
+    compiled graph serves them all; the state dict keeps its keys."""
+    cls = type(block)
+    if cls not in _CHECKPOINTED_CLASSES.values():
+        if cls not in _CHECKPOINTED_CLASSES:
+            _CHECKPOINTED_CLASSES[cls] = type(cls.__name__, (cls,), {
+                "forward": _checkpointed_forward, "_plain_forward": cls.forward, "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__})
+        block.__class__ = _CHECKPOINTED_CLASSES[cls]
+    block._recompute = recompute
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
