@@ -6,6 +6,7 @@
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
+#     (compile-grads: scripts/compile_grads.py, compiled gradients against eager)
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
@@ -169,6 +170,13 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
     )
     mkdir -p "$out/levers"
     for name in ${LEVERS:-base ckpt2 nockpt unbatched fused compile}; do
+      if [ "$name" = compile-grads ]; then  # compiled gradients against eager, before any compiled lever is timed
+        python3 scripts/compile_grads.py 2>&1 | quiet > "$out/levers/$name.log" \
+          || echo "$name: the compiled gradients are not sound; see levers/$name.log"
+        tail -n 5 "$out/levers/$name.log" | cut -c1-300
+        tar czf "$out/levers.tgz" -C "$out" levers
+        continue
+      fi
       if [ -n "${LATENCY[$name]+x}" ]; then
         # shellcheck disable=SC2086
         python3 -m distill.bench.wan_latency ${LATENCY[$name]} --json "$out/levers/$name.json" 2>&1 | quiet \
