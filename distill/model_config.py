@@ -5,7 +5,7 @@ A section of `distill.config.Config`, in a module of its own; loading it imports
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from distill.errors import ConfigError
@@ -15,7 +15,11 @@ from distill.strict import check_seeds, positive
 MAX_FLOW_SHIFT = 20.0
 """The largest flow shift a config takes: flow-matching video models use 3 to 17."""
 
-RUNTIME_KEYS = ("model.gradient_checkpointing", "model.checkpoint_every", "model.attention_backend", "model.compile",
+CHECKPOINT_SAVE = ("attention", "matmul")
+"""Kinds of operator whose outputs a recomputed block may keep (`model.checkpoint_save`)."""
+
+RUNTIME_KEYS = ("model.gradient_checkpointing", "model.checkpoint_every", "model.checkpoint_save",
+                "model.attention_backend", "model.compile",
                 "model.compile_mode", "model.compile_backend", "model.batched_cfg", "model.vae_channels_last",
                 "model.vae_compile")
 """Keys of this section that change how the model runs, not what it computes: a resumed run may change them, and
@@ -42,6 +46,10 @@ class ModelConfig:
     """Recompute activations in the backward pass of trainable transformers."""
     checkpoint_every: int = 1
     """With gradient_checkpointing: recompute blocks 0, n, 2n, ... only (1 = all); the rest keep their activations."""
+    checkpoint_save: list[str] = field(default_factory=list)
+    """With gradient_checkpointing: a recomputed block keeps the outputs of these operators and recomputes the rest
+    (selective checkpointing): "attention" (the attention kernels, most of a block's time at long sequences),
+    "matmul" (the linears). Empty = recompute everything."""
     attention_backend: str | None = None
     """diffusers attention backend of every role's transformer (native, _native_cudnn, flash, ...); unset = default."""
     compile: bool = False
@@ -80,6 +88,13 @@ class ModelConfig:
         if self.checkpoint_every != 1 and not self.gradient_checkpointing:
             raise ConfigError(f"{path}.checkpoint_every: only means something with {path}.gradient_checkpointing: "
                               f"true (got {self.checkpoint_every} with gradient checkpointing off)")
+        if self.checkpoint_save and not self.gradient_checkpointing:
+            raise ConfigError(f"{path}.checkpoint_save: only means something with {path}.gradient_checkpointing: true")
+        for kind in self.checkpoint_save:
+            if kind not in CHECKPOINT_SAVE:
+                raise ConfigError(f"{path}.checkpoint_save: unknown kind {kind!r}; one of {', '.join(CHECKPOINT_SAVE)}")
+        if len(set(self.checkpoint_save)) != len(self.checkpoint_save):
+            raise ConfigError(f"{path}.checkpoint_save: {self.checkpoint_save} names a kind twice")
         if not (self.compile or self.vae_compile):
             for key, unset in (("compile_mode", None), ("compile_backend", "inductor")):
                 if getattr(self, key) != unset:

@@ -148,6 +148,8 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [base]="--iterations 12"
       [ckpt2]="--iterations 12 --set model.checkpoint_every=2"
       [ckpt3]="--iterations 12 --set model.checkpoint_every=3"
+      [save-attention]="--iterations 12 --set model.checkpoint_save=[attention]"
+      [save-all]="--iterations 12 --set model.checkpoint_save=[attention,matmul]"
       [nockpt]="--iterations 12 --no-checkpointing"
       [cudnn]="--iterations 12 --set model.attention_backend=_native_cudnn"
       [flash]="--iterations 12 --set model.attention_backend=_native_flash"

@@ -208,7 +208,8 @@ def test_how_the_model_runs_may_change_on_resume_and_a_checkpoint_may_predate_it
     from distill.config import to_dict
     from distill.training.checkpoint import _check_same_run
 
-    levers = {"gradient_checkpointing": True, "checkpoint_every": 2, "attention_backend": "native", "compile": True,
+    levers = {"gradient_checkpointing": True, "checkpoint_every": 2, "checkpoint_save": ["attention"],
+              "attention_backend": "native", "compile": True,
               "compile_mode": "max-autotune", "compile_backend": "inductor"}
     now = to_dict(tiny_config(tmp_path, model=levers))
     saved = to_dict(tiny_config(tmp_path))

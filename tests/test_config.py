@@ -168,6 +168,10 @@ def test_boundary_values_are_accepted():
 def test_the_model_speed_settings_are_accepted_and_default_to_today_s_behaviour():
     default = build_config(base_raw()).model
     assert (default.checkpoint_every, default.attention_backend, default.compile) == (1, None, False)
+    assert default.checkpoint_save == []
+    model = build_config(with_changes(("model.gradient_checkpointing", True),
+                                      ("model.checkpoint_save", ["attention", "matmul"]))).model
+    assert model.checkpoint_save == ["attention", "matmul"]
     assert (default.compile_mode, default.compile_backend) == (None, "inductor")
     model = build_config(with_changes(
         ("model.gradient_checkpointing", True), ("model.checkpoint_every", 3), ("model.attention_backend", "_native_cudnn"),

@@ -320,6 +320,38 @@ def test_checkpoint_every_recomputes_only_every_nth_block_with_the_same_gradient
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_checkpoint_save_keeps_the_attention_outputs_with_the_same_gradients(run_dir):
+    """model.checkpoint_save: the backward's recompute runs no attention kernel again when "attention" is kept (as
+    many attention calls as without checkpointing, against twice as many with full checkpointing); outputs and
+    gradients are those of no checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    calls, results = {}, {}  # calls: the transformer's self- and cross-attention
+    for label, model in (("off", {}), ("every", {"gradient_checkpointing": True}),
+                         ("attention", {"gradient_checkpointing": True, "checkpoint_save": ["attention"]}),
+                         ("matmul-every-2", {"gradient_checkpointing": True, "checkpoint_save": ["matmul"],
+                                             "checkpoint_every": 2})):
+        plugin, roles = plugin_and_roles(tiny_config(run_dir, model={"preset": "small", **model}))
+        plugin.prepare_batch({"prompt": ["a red circle moving left"]}, latents_source="zeros")  # its text: cached
+        with CountAttention() as count:
+            results[label] = velocity_and_grads(plugin, roles["student"])
+        calls[label] = count.calls
+    blocks = len(roles["student"].modules["transformer"].blocks)
+    assert calls == {"off": 2 * blocks, "every": 4 * blocks, "attention": 2 * blocks, "matmul-every-2": 3 * blocks}
+    for label in ("every", "attention", "matmul-every-2"):
+        torch.testing.assert_close(results[label][0], results["off"][0], rtol=0, atol=1e-6)
+        for got, want in zip(results[label][1], results["off"][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow  # compiles the blocks of several configs
 def test_the_speed_settings_train_dmd2_to_the_same_losses(tmp_path):
     """Checkpointing every block or every other one, and all the settings at once (compiled blocks, the
@@ -433,7 +465,9 @@ def test_compiled_blocks_recompute_inside_their_graph_with_the_same_gradients(ru
     saved = {}
     compiled = {"preset": "small", "compile": True, "compile_backend": "aot_eager"}
     for label, model in (("none", compiled), ("every", {**compiled, "gradient_checkpointing": True}),
-                         ("every-3", {**compiled, "gradient_checkpointing": True, "checkpoint_every": 3})):
+                         ("every-3", {**compiled, "gradient_checkpointing": True, "checkpoint_every": 3}),
+                         ("every-attention", {**compiled, "gradient_checkpointing": True,
+                                              "checkpoint_save": ["attention"]})):
         plugin, roles = plugin_and_roles(tiny_config(run_dir, model=model))
         student, teacher = (roles[n].modules["transformer"] for n in ("student", "teacher"))
         assert not student.gradient_checkpointing  # not diffusers' way, around the compiled blocks
@@ -444,6 +478,7 @@ def test_compiled_blocks_recompute_inside_their_graph_with_the_same_gradients(ru
         for got, want in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert saved["every"] < saved["every-3"] < saved["none"], saved
+    assert saved["every-attention"] < saved["none"], saved  # AOT's partitioner picks what else it keeps
 
 
 @pytest.mark.parametrize("settings", [

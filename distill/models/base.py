@@ -14,12 +14,14 @@ t = T the pure-noise end; σ(t) is the fraction of noise at t.
 from __future__ import annotations
 
 import copy
+import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.utils.checkpoint
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
 from torch import nn
 
 from distill.adapter import Batch, LatentsSource
@@ -114,18 +116,20 @@ class ModelPlugin(ABC):
         activation checkpointing when it trains, the attention backend, regional compilation. Through the
         methods of diffusers' ModelMixin; a family of other models overrides it."""
         m = self.cfg.model
+        save = tuple(m.checkpoint_save)
         if trainable and m.gradient_checkpointing and m.compile:
             # Inside each block, so that its compiled graph holds the recompute (torchtitan's order). diffusers'
             # checkpointing wraps the compiled block instead: on an H200 (torch 2.11) that gave other gradients
             # on each identical call (docs/PERFORMANCE.md, "compile").
             for i, block in enumerate(self.denoiser_blocks(module)):
-                checkpoint_inside(block, recompute=i % m.checkpoint_every == 0)
+                checkpoint_inside(block, recompute=i % m.checkpoint_every == 0, save=save)
         elif trainable and m.gradient_checkpointing:
-            if m.checkpoint_every == 1:
+            if m.checkpoint_every == 1 and not save:
                 module.enable_gradient_checkpointing()
             else:
                 for i, block in enumerate(self.denoiser_blocks(module)):
                     block._recompute = i % m.checkpoint_every == 0
+                    block._checkpoint_save = save
                 module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_marked_blocks)
         if m.attention_backend is not None:
             module.set_attention_backend(m.attention_backend)
@@ -275,12 +279,30 @@ def _partitions_weights(handle: RoleHandle) -> bool:
     return engine is not None and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
 
 
+def _saved_operators(kinds: tuple[str, ...]) -> list:
+    """The aten operators of each kind of `model.checkpoint_save` (those a device or torch build lacks left out)."""
+    aten = torch.ops.aten
+    names = {"attention": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+                           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                           "_flash_attention_forward", "_efficient_attention_forward"),
+             "matmul": ("mm", "addmm", "bmm")}
+    return [getattr(aten, name).default for kind in kinds for name in names[kind] if hasattr(aten, name)]
+
+
+def checkpoint_block(fn, *args, save: tuple[str, ...] = (), **kwargs):
+    """Non-reentrant activation checkpointing of `fn` (a block's call), as diffusers' default does it; with `save`,
+    selective: the outputs of those kinds of operator are kept and only the rest is recomputed."""
+    if save:
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _saved_operators(save))
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
 def checkpoint_marked_blocks(block: nn.Module, *args):
-    """diffusers' `gradient_checkpointing_func` when only some blocks recompute (`model.checkpoint_every` > 1):
-    a block marked `_recompute` is checkpointed as diffusers' default does it (non-reentrant); the others run
-    plainly and keep their activations for the backward."""
+    """diffusers' `gradient_checkpointing_func` when only some blocks recompute (`model.checkpoint_every` > 1) or
+    a recompute keeps some outputs (`model.checkpoint_save`): a block marked `_recompute` is checkpointed; the
+    others run plainly and keep their activations for the backward."""
     if getattr(block, "_recompute", True):
-        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return checkpoint_block(block.__call__, *args, save=getattr(block, "_checkpoint_save", ()))
     return block(*args)
 
 
@@ -289,11 +311,11 @@ _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 def _checkpointed_forward(self, *args, **kwargs):
     if self._recompute and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(self._plain_forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint_block(self._plain_forward, *args, save=self._checkpoint_save, **kwargs)
     return self._plain_forward(*args, **kwargs)
 
 
-def checkpoint_inside(block: nn.Module, *, recompute: bool) -> None:
+def checkpoint_inside(block: nn.Module, *, recompute: bool, save: tuple[str, ...] = ()) -> None:
     """Activation checkpointing in the block's own forward (when `recompute` and grad is on), so that compiling
     the block compiles the checkpoint with it. The block's class becomes a subclass of the same name (diffusers'
     `_repeated_blocks` matches by name) that only overrides `forward`: one forward for every block, so one
@@ -305,7 +327,7 @@ def checkpoint_inside(block: nn.Module, *, recompute: bool) -> None:
                 "forward": _checkpointed_forward, "_plain_forward": cls.forward, "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__})
         block.__class__ = _CHECKPOINTED_CLASSES[cls]
-    block._recompute = recompute
+    block._recompute, block._checkpoint_save = recompute, save
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
