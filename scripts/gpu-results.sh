@@ -169,6 +169,9 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       # the fast path for student and teacher alike: compiled blocks, channels-last conv weights, compiled decoder
       [latency-fast]="--against-stock --set model.compile=true --set model.vae_channels_last=true \
 --set model.vae_compile=true"
+      # the same with CUDA graphs (inductor's reduce-overhead) for the blocks and the per-frame decoder calls
+      [latency-graphs]="--against-stock --set model.compile=true --set model.compile_mode=reduce-overhead \
+--set model.vae_channels_last=true --set model.vae_compile=true"
     )
     mkdir -p "$out/levers"
     for name in ${LEVERS:-base ckpt2 nockpt unbatched fused compile}; do
