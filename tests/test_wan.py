@@ -576,3 +576,17 @@ def test_check_config_passes_backends_and_compilers_that_run_here(tmp_path, caps
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert (model["attention_backend"], model["compile_backend"], model["checkpoint_every"]) == ("_native_math",
                                                                                                   "aot_eager", 2)
+
+
+@pytest.mark.parametrize("preset, billions", [("wan2.1-1.3b", 1.419), ("wan2.1-14b", 14.288)])
+def test_the_full_size_presets_are_the_released_architectures(preset, billions):
+    """Random-weight presets of Wan2.1-T2V-1.3B and -14B for the GPU benchmarks: their transformers' parameter
+    counts, built on the meta device (no memory)."""
+    from diffusers import WanTransformer3DModel
+
+    from distill.models.wan import PRESETS
+
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**PRESETS[preset]["transformer"])
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 3) == billions
+    assert preset in WanPlugin.presets

@@ -29,6 +29,10 @@ _TINY_TEXT = dict(
     vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
 )
+_UMT5_XXL = dict(  # Wan 2.1's text encoder
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+)
 _PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3}
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -74,10 +78,18 @@ PRESETS: dict[str, dict] = {
             ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
             rope_max_seq_len=1024,
         ),
-        text_encoder=dict(
-            vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        text_encoder=_UMT5_XXL,
+        vae=dict(),
+    ),
+    # The Wan2.1-T2V-14B architecture (random weights): 40 blocks, 40 heads of 128 (width 5120), the same text
+    # encoder and VAE.
+    "wan2.1-14b": dict(
+        transformer=dict(
+            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256,
+            ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            rope_max_seq_len=1024,
         ),
+        text_encoder=_UMT5_XXL,
         vae=dict(),
     ),
 }
