@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# The edit loop: no Docker build, no Prefect server, no multi-rank launch, no long training run (under 2 minutes).
+# The edit loop: no Docker build, no Prefect server, no multi-rank launch, no long training run (about 3 minutes).
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not docker and not prefect_server and not multirank and not slow"
 
