@@ -33,6 +33,10 @@ _UMT5_XXL = dict(  # Wan 2.1's text encoder
     vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
 )
+_WAN21_TRANSFORMER = dict(  # what Wan 2.1's full-size transformers share; heads of 128, widths and depths differ
+    patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
 _PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3}
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -73,22 +77,14 @@ PRESETS: dict[str, dict] = {
     ),
     # The Wan2.1-T2V-1.3B architecture (random weights): 30 blocks, 12 heads of 128, UMT5-XXL text, Wan 2.1 VAE.
     "wan2.1-1.3b": dict(
-        transformer=dict(
-            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
-            ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-            rope_max_seq_len=1024,
-        ),
+        transformer=dict(_WAN21_TRANSFORMER, num_attention_heads=12, ffn_dim=8960, num_layers=30),
         text_encoder=_UMT5_XXL,
         vae=dict(),
     ),
     # The Wan2.1-T2V-14B architecture (random weights): 40 blocks, 40 heads of 128 (width 5120), the same text
     # encoder and VAE.
     "wan2.1-14b": dict(
-        transformer=dict(
-            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256,
-            ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-            rope_max_seq_len=1024,
-        ),
+        transformer=dict(_WAN21_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40),
         text_encoder=_UMT5_XXL,
         vae=dict(),
     ),
