@@ -116,20 +116,19 @@ class ModelPlugin(ABC):
         activation checkpointing when it trains, the attention backend, regional compilation. Through the
         methods of diffusers' ModelMixin; a family of other models overrides it."""
         m = self.cfg.model
-        save = tuple(m.checkpoint_save)
-        if trainable and m.gradient_checkpointing and m.compile:
-            # Inside each block, so that its compiled graph holds the recompute (torchtitan's order). diffusers'
-            # checkpointing wraps the compiled block instead: on an H200 (torch 2.11) that gave other gradients
-            # on each identical call (docs/PERFORMANCE.md, "compile").
-            for i, block in enumerate(self.denoiser_blocks(module)):
-                checkpoint_inside(block, recompute=i % m.checkpoint_every == 0, save=save)
-        elif trainable and m.gradient_checkpointing:
-            if m.checkpoint_every == 1 and not save:
+        if trainable and m.gradient_checkpointing:
+            blocks = self.denoiser_blocks(module)
+            for i, block in enumerate(blocks):
+                block._recompute, block._checkpoint_save = i % m.checkpoint_every == 0, tuple(m.checkpoint_save)
+            if m.compile:
+                # Inside each block, so that its compiled graph holds the recompute (torchtitan's order). diffusers'
+                # checkpointing wraps the compiled block instead: on an H200 (torch 2.11) that gave other gradients
+                # on each identical call (docs/PERFORMANCE.md, "compile").
+                for block in blocks:
+                    checkpoint_inside(block)
+            elif m.checkpoint_every == 1 and not m.checkpoint_save:
                 module.enable_gradient_checkpointing()
             else:
-                for i, block in enumerate(self.denoiser_blocks(module)):
-                    block._recompute = i % m.checkpoint_every == 0
-                    block._checkpoint_save = save
                 module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_marked_blocks)
         if m.attention_backend is not None:
             module.set_attention_backend(m.attention_backend)
@@ -315,19 +314,19 @@ def _checkpointed_forward(self, *args, **kwargs):
     return self._plain_forward(*args, **kwargs)
 
 
-def checkpoint_inside(block: nn.Module, *, recompute: bool, save: tuple[str, ...] = ()) -> None:
-    """Activation checkpointing in the block's own forward (when `recompute` and grad is on), so that compiling
-    the block compiles the checkpoint with it. The block's class becomes a subclass of the same name (diffusers'
-    `_repeated_blocks` matches by name) that only overrides `forward`: one forward for every block, so one
-    compiled graph serves them all; the state dict keeps its keys."""
+def checkpoint_inside(block: nn.Module) -> None:
+    """Activation checkpointing in the block's own forward (when it is marked `_recompute` and grad is on), so that
+    compiling the block compiles the checkpoint with it. The block's class becomes a subclass of the same name
+    (diffusers' `_repeated_blocks` matches by name) that only overrides `forward`: one forward for every block, so
+    one compiled graph serves them all; the state dict keeps its keys."""
     cls = type(block)
-    if cls not in _CHECKPOINTED_CLASSES.values():
-        if cls not in _CHECKPOINTED_CLASSES:
-            _CHECKPOINTED_CLASSES[cls] = type(cls.__name__, (cls,), {
-                "forward": _checkpointed_forward, "_plain_forward": cls.forward, "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__})
-        block.__class__ = _CHECKPOINTED_CLASSES[cls]
-    block._recompute, block._checkpoint_save = recompute, save
+    if cls in _CHECKPOINTED_CLASSES.values():
+        return
+    if cls not in _CHECKPOINTED_CLASSES:
+        _CHECKPOINTED_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "forward": _checkpointed_forward, "_plain_forward": cls.forward, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__})
+    block.__class__ = _CHECKPOINTED_CLASSES[cls]
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
