@@ -160,6 +160,7 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       # (large) traces beside levers/, not in levers.tgz
       [profile]="--iterations 7 --profile $out/traces/base"
       [profile-compile]="--iterations 12 --warmup 6 --set model.compile=true --profile $out/traces/compile"
+      [compile-save]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention]"
       [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
 --set training.optimizer_implementation=fused"
     )
