@@ -186,7 +186,9 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       if [ -n "${LATENCY[$name]+x}" ]; then
         # shellcheck disable=SC2086
         python3 -m distill.bench.wan_latency ${LATENCY[$name]} --json "$out/levers/$name.json" 2>&1 | quiet \
-          > "$out/levers/$name.log" || echo "$name: failed; see levers/$name.log"
+          > "$out/levers/$name.log" || { echo "$name: failed; the end of levers/$name.log:"
+          tail -n 4 "$out/levers/$name.log" | cut -c1-300; }
+        tar czf "$out/levers.tgz" -C "$out" levers
         continue
       fi
       [ -n "${LEVER[$name]+x}" ] || { echo "unknown lever $name" >&2; continue; }
