@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "(or <output>/checkpoints/latest)")
     exp.add_argument("out_dir", help="the folder to write (new or empty, unless --overwrite)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (its files are deleted)")
+    exp.add_argument("--fuse", action="store_true",
+                     help="a LoRA student: merge its adapter into the base weights and write a whole pipeline folder "
+                          "(without: the adapter as a diffusers LoRA file and the scheduler)")
     exp.add_argument("--endpoint-url", type=endpoint_url, default=None,
                      help="S3-compatible endpoint for an s3:// checkpoint")
     bench = sub.add_parser("bench", help="benchmark a checkpoint: latency and quality of student and teacher")
@@ -107,11 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             from distill.export import export
 
             record = export(args.checkpoint, args.out_dir, StorageConfig(endpoint_url=args.endpoint_url),
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, fuse=args.fuse)
             call = ", ".join(f"{k}={v!r}" for k, v in record["call"].items() if k != "output_type")
             load = "".join(f", {k}={v!r}" for k, v in record["load"].items())
-            print(f"exported {record['role']} of {args.checkpoint} (step {record['step']}) to {args.out_dir}; "
-                  f"sample with WanPipeline.from_pretrained({args.out_dir!r}{load})(prompt, {call})")
+            said = f"exported {record['role']} of {args.checkpoint} (step {record['step']}) to {args.out_dir}; "
+            if "lora" in record:
+                print(said + f"sample with pipe = WanPipeline.from_pretrained(<the base: "
+                      f"{record['lora']['base']['weights']}>{load}); pipe.load_lora_weights({args.out_dir!r}); "
+                      f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained({args.out_dir!r}, "
+                      f"subfolder='scheduler'); pipe(prompt, {call})")
+            else:
+                print(said + f"sample with WanPipeline.from_pretrained({args.out_dir!r}{load})(prompt, {call})")
             return 0
         if args.command == "bench":
             from distill.bench.inference import BenchSpec

@@ -44,6 +44,8 @@ class RoleHandle:
     optimizer_steps: int = 0
     """Optimizer steps applied so far (micro-batch steps inside an accumulation window don't count)."""
     last_grad_norm: float | None = field(default=None, repr=False)
+    base: dict | None = None
+    """A LoRA role: the fingerprint of the frozen base weights its adapter applies to (`distill.models.lora`)."""
     _frozen: bool = field(default=False, repr=False)
 
     def module(self, key: str = "transformer"):
@@ -90,6 +92,10 @@ class RoleHandle:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self):
+        """What the role's optimizer steps (a LoRA role: its adapter and added modules, not the base)."""
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is not None:

@@ -19,7 +19,7 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.start_step = decay, start_step
-        self.modules = {name: copy.deepcopy(m).float().eval().requires_grad_(False) for name, m in modules.items()}
+        self.modules = {name: _averaged_copy(m) for name, m in modules.items()}
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module], step: int) -> None:
@@ -27,6 +27,19 @@ class EMA:
         weight = 1.0 if step <= self.start_step else 1.0 - self.decay
         for name, average in self.modules.items():
             for e, w in zip(average.parameters(), modules[name].parameters(), strict=True):
-                e.lerp_(w.detach().to(e.device, torch.float32), weight)
+                if e is not w:  # a frozen (LoRA base) parameter is shared, not averaged
+                    e.lerp_(w.detach().to(e.device, torch.float32), weight)
             for e, b in zip(average.buffers(), modules[name].buffers(), strict=True):
                 e.copy_(b)
+
+
+def _averaged_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module holding fp32 copies of its trainable parameters and the frozen ones shared (the base
+    weights under a LoRA adapter: they never change, and a copy of a 14B base would not fit)."""
+    frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
+    average = copy.deepcopy(module, frozen).eval()
+    for p in average.parameters():
+        if id(p) not in frozen:
+            p.data = p.data.float()
+            p.requires_grad_(False)
+    return average

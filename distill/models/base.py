@@ -28,6 +28,7 @@ from distill.adapter import Batch, LatentsSource
 from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError
+from distill.models.lora import add_lora, base_fingerprint, fused, is_adapter_folder, share_weights
 from distill.roles import RoleHandle, RoleManager
 from distill.run_layout import resolve_export
 from distill.validation import SamplingSpec, Validator
@@ -38,6 +39,8 @@ class ModelPlugin(ABC):
     """T: timesteps of the training noise schedule."""
     denoiser_key: ClassVar[str] = "transformer"
     """The name of a role's denoiser module (the family's diffusers component name)."""
+    lora_target_modules: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """The denoiser's linears a LoRA role adapts unless roles.<name>.lora.target_modules says otherwise."""
 
     noise_scheduler: Any
     """The family's diffusers training scheduler; `.timesteps` is its T-step (shifted) schedule, noisiest first."""
@@ -65,7 +68,14 @@ class ModelPlugin(ABC):
 
     def load_module(self, name: str, folder: str) -> nn.Module:
         """Module `name` of an exported role, from its folder; every exported module is a denoiser by default."""
-        return self.load_denoiser(folder, key=f"export/{name}")
+        return self.load_exported(folder, key=f"export/{name}")
+
+    def load_exported(self, folder: str, key: str) -> nn.Module:
+        """A denoiser from a checkpoint's export folder, fp32: a diffusers folder, or a LoRA adapter fused into the
+        model's own weights (refused unless they are the base it was trained on)."""
+        if is_adapter_folder(Path(folder)):
+            return fused(self.new_denoiser(), Path(folder), self.model_weights(), where=f"{key} ({folder})")
+        return self.load_denoiser(folder, key=key)
 
     def build_roles(self, names: list[str] | None = None) -> RoleManager:
         """A handle per configured role (or per role in `names`), weights resolved through `init_from`,
@@ -80,6 +90,8 @@ class ModelPlugin(ABC):
         modules: dict[str, nn.Module] = {}
         for name in (n for n in _init_order(roles) if n in needed):
             source = roles[name].init_from
+            if roles[name].share_base:
+                continue  # its base is the source role's module, once that is cast (below)
             if source is None:
                 modules[name] = self.new_denoiser()
             elif source in roles:
@@ -88,20 +100,48 @@ class ModelPlugin(ABC):
                 modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
             else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoiser
                 export = resolve_export(source, self.cfg.storage)
-                path = str(Path(export) / self.denoiser_key) if export else source
-                modules[name] = self.load_denoiser(path, key=f"roles.{name}.init_from")
-        handles = {}
-        for name, role in roles.items():
-            if name not in wanted:
-                continue
-            module = modules[name].to(self.device)
-            if role.trainable:
-                module.train().requires_grad_(True)
+                key = f"roles.{name}.init_from"
+                modules[name] = (self.load_exported(str(Path(export) / self.denoiser_key), key) if export
+                                 else self.load_denoiser(source, key))
+        built: dict[str, nn.Module] = {}
+        for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
+            role = roles[name]
+            if role.share_base:
+                built[name] = share_weights(built[role.init_from])  # the base role, frozen and cast already
             else:
-                cast_role(module.eval().requires_grad_(False), self.frozen_dtype)
+                built[name] = modules[name].to(self.device)
+            if role.lora is not None:
+                if not role.share_base:  # a base of its own, frozen like the teacher's
+                    cast_role(built[name].requires_grad_(False), self.frozen_dtype)
+                add_lora(built[name], role.lora, self.lora_target_modules, key=f"roles.{name}.lora")
+                built[name].train()
+            elif role.trainable:
+                built[name].train().requires_grad_(True)
+            else:
+                cast_role(built[name].eval().requires_grad_(False), self.frozen_dtype)
+        handles = {}
+        for name in (n for n in roles if n in wanted):
+            role, module = roles[name], built[name]
             self.set_up_denoiser(module, trainable=role.trainable)
-            handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable)
+            base = base_fingerprint(module, self.weights_of(name)) if role.lora is not None else None
+            handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable,
+                                       base=base)
         return RoleManager(handles)
+
+    def weights_of(self, role: str) -> str:
+        """Where a role's weights come from, in words: the checkpoint or hub id its init_from chain ends at, else
+        the model's (model.path, or the preset and its seed)."""
+        roles = self.cfg.roles
+        while role in roles and roles[role].init_from in roles:
+            role = roles[role].init_from
+        if role in roles and roles[role].init_from is not None:
+            return roles[role].init_from
+        return self.model_weights()
+
+    def model_weights(self) -> str:
+        """The model's own weights, in words: model.path, or the preset and its seed."""
+        m = self.cfg.model
+        return m.path if m.path is not None else f"preset:{m.preset}:init_seed={m.init_seed}"
 
     def frozen_role(self, name: str, modules: dict[str, nn.Module]) -> RoleHandle:
         """A frozen handle around modules (e.g. a checkpoint's exported student, for sampling)."""
@@ -263,9 +303,10 @@ class ModelPlugin(ABC):
         """The sampler of ValidationRequests (validation videos, bench)."""
         raise NotImplementedError(f"model family {self.cfg.model.family!r} has no sampler")
 
-    def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec) -> dict:
+    def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec, *, fuse: bool = False) -> dict:
         """Write a stock pipeline folder around an exported role's modules (`modules_folder/<name>/`),
-        with a scheduler set up for `sampling`; returns the record of how to load and call it."""
+        with a scheduler set up for `sampling`; returns the record of how to load and call it. A LoRA role's
+        adapter is written as the family's LoRA file (with `fuse`: merged into a whole pipeline folder)."""
         raise NotImplementedError(f"model family {self.cfg.model.family!r} cannot export a pipeline")
 
 

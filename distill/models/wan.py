@@ -19,9 +19,10 @@ from torch import nn
 from distill.adapter import Batch, BatchError, LatentsSource
 from distill.config import Config
 from distill.locations import hub_id
-from distill.errors import ConfigError
+from distill.errors import ConfigError, InputError
 from distill.models.base import cast_frozen, raise_recompile_limit
 from distill.models.flow_match import FlowMatchFamily
+from distill.models.lora import ADAPTER_FILE, is_adapter_folder, read_adapter
 from distill.roles import RoleHandle
 from distill.validation import SamplingSpec
 
@@ -95,6 +96,8 @@ class WanPlugin(FlowMatchFamily):
     """Builds Wan roles and serves the step-time primitives (flow matching: see FlowMatchFamily)."""
 
     presets = tuple(PRESETS)
+    # Every block's attention projections (self and cross) and its feed-forward linears
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
     def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
         super().__init__(cfg, device=device, frozen_dtype=frozen_dtype)
@@ -216,7 +219,7 @@ class WanPlugin(FlowMatchFamily):
         m = self.cfg.model
         return {
             "family": m.family,
-            "weights": m.path if m.path is not None else f"preset:{m.preset}:init_seed={m.init_seed}",
+            "weights": self.model_weights(),
             "pixel_space": m.pixel_space,
             "max_text_length": m.max_text_length,
             "latent_channels": self.latent_channels,
@@ -308,22 +311,19 @@ class WanPlugin(FlowMatchFamily):
 
         return WanValidator(self)
 
-    def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec) -> dict:
-        """Save a stock WanPipeline folder: the role's transformer, the shared components, a scheduler for `sampling`."""
-        transformer = WanTransformer3DModel.from_pretrained(Path(modules_folder) / self.denoiser_key,
-                                                            torch_dtype=torch.float32)
+    def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec, *, fuse: bool = False) -> dict:
+        """Save a stock WanPipeline folder: the role's transformer, the shared components, a scheduler for `sampling`.
+        A LoRA role's adapter is saved as a diffusers LoRA file beside the scheduler, or with `fuse` merged into the
+        base weights of a whole pipeline folder."""
+        folder = Path(modules_folder) / self.denoiser_key
+        lora = is_adapter_folder(folder)
+        if fuse and not lora:
+            raise InputError(f"--fuse: the checkpoint's {self.denoiser_key} holds whole weights, not a LoRA adapter; "
+                             f"export it without --fuse")
         scheduler, deviation = self.export_scheduler(sampling)
-        steps = len(scheduler.timesteps)
-        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                           scheduler=scheduler, transformer=transformer)
-        pipe.save_pretrained(out_dir)
-        if self.vae is None:  # pixel space: record the absent VAE as diffusers records an absent transformer_2
-            index = Path(out_dir) / "model_index.json"
-            index.write_text(json.dumps({**json.loads(index.read_text()), "vae": [None, None]}, indent=2))
-        return {
-            # WanPipeline lists no VAE as optional: a pixel-space folder loads with from_pretrained(out, vae=None).
-            "load": {"vae": None} if self.vae is None else {},
-            "call": {"num_inference_steps": steps, "guidance_scale": sampling.guidance_scale,
+        record = {
+            "load": {}, "fused_lora": lora and fuse,
+            "call": {"num_inference_steps": len(scheduler.timesteps), "guidance_scale": sampling.guidance_scale,
                      "max_sequence_length": self.cfg.model.max_text_length,
                      "output_type": "latent (pixels in [-1, 1])" if self.vae is None else "np"},
             "sampler_kind": sampling.sampler_kind,
@@ -333,6 +333,22 @@ class WanPlugin(FlowMatchFamily):
             "pixel_space": self.vae is None,
             "negative_prompt": self.cfg.data.negative_prompt,
         }
+        if lora and not fuse:
+            tensors, config, base = read_adapter(folder)
+            WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors,
+                                          transformer_lora_adapter_metadata=config)
+            scheduler.save_pretrained(Path(out_dir) / "scheduler")
+            return {**record, "lora": {"file": ADAPTER_FILE, "base": base}}
+        transformer = self.load_exported(str(folder), key=f"export/{self.denoiser_key}")
+        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=scheduler, transformer=transformer)
+        pipe.save_pretrained(out_dir)
+        if self.vae is None:  # pixel space: record the absent VAE as diffusers records an absent transformer_2
+            index = Path(out_dir) / "model_index.json"
+            index.write_text(json.dumps({**json.loads(index.read_text()), "vae": [None, None]}, indent=2))
+            # WanPipeline lists no VAE as optional: a pixel-space folder loads with from_pretrained(out, vae=None).
+            record["load"] = {"vae": None}
+        return record
 
 
 def check_attention_backend(name: str, device: torch.device, dtype: torch.dtype, *, backward: bool) -> None:

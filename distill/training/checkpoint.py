@@ -30,6 +30,8 @@ from torch import nn
 from distill.errors import ConfigError, NonFiniteError
 from distill.finite import described, nonfinite_names
 from distill.model_config import RUNTIME_KEYS
+from distill.models.lora import (adapter_state, check_same_base, has_lora, load_adapter_state, read_adapter,
+                                 save_adapter)
 from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, WITHDRAWN, CheckpointError,
                                 check_checksums, check_sizes, checkpoint_name, file_records, list_checkpoints,
                                 naming_the_newest, read_manifest, resolve_checkpoint, step_of)
@@ -78,6 +80,9 @@ class CheckpointContents:
     """The exported modules are not an engine's weights but state of their own (an EMA): resume reads them back."""
     manifest: dict = field(default_factory=dict)
     """Further manifest fields (export role, sampling, method metadata) for readers of the checkpoint."""
+    bases: dict[str, dict] = field(default_factory=dict)
+    """LoRA role name → the fingerprint of the base weights its adapter applies to: saved in the manifest (and beside
+    the exported adapter), and the same base required to resume."""
 
 
 def _barrier() -> None:
@@ -115,10 +120,13 @@ class CheckpointManager:
 
         # 1. Engines (collective): weights, optimizer partitions, schedulers.
         for role, engine in contents.engines.items():
-            engine.save_checkpoint(str(staging / "roles" / role), tag="state", save_latest=False)
-        # 2. The exported role's modules as diffusers folders.
+            # a LoRA role's frozen base is not the role's state: its adapter (and optimizer state) is
+            engine.save_checkpoint(str(staging / "roles" / role), tag="state", save_latest=False,
+                                   exclude_frozen_parameters=True)
+        # 2. The exported role's modules as diffusers folders (a LoRA adapter as diffusers saves one).
+        export_base = contents.bases.get(contents.manifest.get("export_role"))
         for key, module in contents.export.items():
-            self._save_module(module, staging / EXPORT / key)
+            self._save_module(module, staging / EXPORT / key, export_base)
         # 3. This rank's stateful objects.
         (staging / "trainer").mkdir(parents=True, exist_ok=True)
         torch.save({k: s.state_dict() for k, s in contents.states.items()}, staging / "trainer" / f"rank-{self.rank:05d}.pt")
@@ -144,6 +152,7 @@ class CheckpointManager:
                 "world_size": self.world_size,
                 "zero_stage": self.zero_stage,
                 "roles": list(contents.engines),
+                "lora_bases": contents.bases,
                 "export_modules": list(contents.export),
                 "states": list(contents.states),
                 **contents.manifest,
@@ -160,9 +169,10 @@ class CheckpointManager:
 
     def _check_finite(self, contents: CheckpointContents, name: str) -> None:
         """Refuse to save weights holding NaN or Inf, on every rank at once (ZeRO-3 ranks hold different parts)."""
-        named = [(f"{role}.{n}", p) for role, engine in contents.engines.items() for n, p in engine.module.named_parameters()]
-        named += [(f"{EXPORT}/{key}.{n}", t) for key, m in contents.export.items() for n, t in m.state_dict().items()
-                  if t.is_floating_point()]
+        named = [(f"{role}.{n}", p) for role, engine in contents.engines.items()
+                 for n, p in engine.module.named_parameters() if p.requires_grad]  # a frozen base never changes
+        named += [(f"{EXPORT}/{key}.{n}", t) for key, m in contents.export.items()
+                  for n, t in (adapter_state(m) if has_lora(m) else m.state_dict()).items() if t.is_floating_point()]
         bad = nonfinite_names(named)
         ranks = ranks_where(bool(bad))
         if ranks:
@@ -173,8 +183,11 @@ class CheckpointManager:
         """Bytes and sha256 of `files` (under `folder`), by path in the checkpoint."""
         return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
 
-    def _save_module(self, module: nn.Module, folder: Path) -> None:
-        if self.zero_stage == 3:  # partitioned weights: gather them (collective), rank 0 writes
+    def _save_module(self, module: nn.Module, folder: Path, base: dict | None) -> None:
+        if has_lora(module):  # stage 0-2 only (the config says so): every rank holds the whole adapter
+            if self.rank == 0:
+                save_adapter(module, folder, base)
+        elif self.zero_stage == 3:  # partitioned weights: gather them (collective), rank 0 writes
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -264,8 +277,12 @@ class CheckpointManager:
         folder = self._verified[name]
         saved = yaml.safe_load((folder / "config.yaml").read_text())
         _check_same_run(saved, contents.config, where)
+        saved_bases = json.loads((folder / MANIFEST).read_text()).get("lora_bases", {})
+        for role, base in contents.bases.items():
+            check_same_base(saved_bases.get(role, {}), base, f"{where} (role {role!r})")
         for role, engine in contents.engines.items():
-            path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag="state",
+            frozen = any(not p.requires_grad for p in engine.module.parameters())  # saved without its frozen base
+            path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag="state", load_module_strict=not frozen,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
             if path is None:
                 raise CheckpointError(f"{where}: no engine state for role {role!r}")
@@ -277,7 +294,10 @@ class CheckpointManager:
             stateful.load_state_dict(states[key])
         if contents.export_is_state:
             for key, module in contents.export.items():
-                module.load_state_dict(_read_safetensors(folder / EXPORT / key, where))
+                if has_lora(module):
+                    load_adapter_state(module, read_adapter(folder / EXPORT / key)[0], where)
+                else:
+                    module.load_state_dict(_read_safetensors(folder / EXPORT / key, where))
         if not self.store.is_local:  # the downloaded copy (many GB for a real model) is read: gone
             shutil.rmtree(self._download_root())
         del self._verified[name]

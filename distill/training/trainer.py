@@ -179,12 +179,13 @@ class Trainer:
             step=self.iteration,
             engines={h.name: h.engine for h in self.roles.trainable()},
             states={"trainer": self, "method": method, "loader": self.batches, "rng": RNGState()},
-            # Modules a pipeline can load (diffusers or peft folders); a training-only head stays in the engine state.
+            # Modules a pipeline can load (diffusers folders, LoRA adapters); a training-only head stays in the engine state.
             export={k: m for k, m in method.exported_modules().items() if hasattr(m, "save_pretrained")},
             export_is_state=method.exports_state,
             config=to_dict(self.cfg),
             manifest={"export_role": export_role, "sampling": method.sampling().to_dict(),
                       "method": method.metadata(self.cfg.method_config)},
+            bases={h.name: h.base for h in self.roles if h.base is not None},
         )
 
     # -- steps -----------------------------------------------------------------------------
@@ -223,8 +224,8 @@ class Trainer:
 
     def check_weights(self) -> None:
         """Every trainable weight finite after the iteration's optimizer steps, before anything logs, samples or
-        saves it; every rank stops together (ZeRO-3 ranks hold different parts)."""
-        bad = [f"{h.name}.{name}" for h in self.roles.trainable() for name in nonfinite_names(h.named_parameters())]
+        saves it (a frozen base does not change); every rank stops together (ZeRO-3 ranks hold different parts)."""
+        bad = [f"{h.name}.{name}" for h in self.roles.trainable() for name in nonfinite_names(h.named_trainable_parameters())]
         ranks = ranks_where(bool(bad))
         if ranks:
             raise NonFiniteError(f"weights became non-finite (NaN or Inf) at iteration {self.iteration - 1} on rank "
