@@ -52,12 +52,20 @@ def calls(plugin: WanPlugin, inputs: tuple, dtype: torch.dtype, label: str) -> t
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
+    p.add_argument("--compiled-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the compiled build only (model.compile_backend=aot_eager)")
+    p.add_argument("--no-donated-buffers", action="store_true",
+                   help="AOT autograd's donated_buffer off (the backward may not reuse saved tensors' memory)")
     args = p.parse_args()
+    if args.no_donated_buffers:
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
     gpu = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
     shape = ("wan2.1-1.3b", 81, 480, 832) if gpu else ("tiny", 5, 32, 32)
     eager = WanPlugin(config(*shape, args.set), device=device)
-    compiled = WanPlugin(config(*shape, [*args.set, "model.compile=true"]), device=device)
+    compiled = WanPlugin(config(*shape, [*args.set, "model.compile=true", *args.compiled_set]), device=device)
     g = torch.Generator(device).manual_seed(0)
     latent = (1, eager.latent_channels, *eager.latent_shape[1:])
     text_dim = eager._preset("transformer")["text_dim"]

@@ -7,7 +7,7 @@
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
-#     compile-grads: scripts/compile_grads.py, the compiled gradients against eager.
+#     compile-grads(-nockpt, -aot, -flash): scripts/compile_grads.py, the compiled gradients against eager.
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
 #     4-step and the first 1-step one), side by side, and one comparison per step count.
@@ -160,9 +160,19 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       # (large) traces beside levers/, not in levers.tgz
       [profile]="--iterations 7 --profile $out/traces/base"
       [profile-compile]="--iterations 12 --warmup 6 --set model.compile=true --profile $out/traces/compile"
+      # issue 15: LoRA student and critic (rank 64) over the teacher's base, held once
+      [lora]="--iterations 12 --lora 64"
+      [lora-14b]="--preset wan2.1-14b --iterations 7 --lora 64"
       [compile-save]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention]"
       [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
 --set training.optimizer_implementation=fused"
+    )
+    declare -A GRADS=(  # scripts/compile_grads.py runs: which part makes compiled gradients differ from eager's
+      [compile-grads]=""
+      [compile-grads-nockpt]="--set model.gradient_checkpointing=false"
+      [compile-grads-aot]="--compiled-set model.compile_backend=aot_eager"
+      [compile-grads-undonated]="--no-donated-buffers"
+      [compile-grads-flash]="--set model.attention_backend=_native_flash"
     )
     declare -A LATENCY=(  # wan_latency runs
       [latency]=""
@@ -176,8 +186,9 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
     )
     mkdir -p "$out/levers"
     for name in ${LEVERS:-base ckpt2 nockpt unbatched fused compile}; do
-      if [ "$name" = compile-grads ]; then  # compiled gradients against eager, before any compiled lever is timed
-        python3 scripts/compile_grads.py 2>&1 | quiet > "$out/levers/$name.log" \
+      if [ -n "${GRADS[$name]+x}" ]; then  # compiled gradients against eager, before any compiled lever is timed
+        # shellcheck disable=SC2086
+        python3 scripts/compile_grads.py ${GRADS[$name]} 2>&1 | quiet > "$out/levers/$name.log" \
           || echo "$name: the compiled gradients are not sound; see levers/$name.log"
         tail -n 5 "$out/levers/$name.log" | cut -c1-300
         tar czf "$out/levers.tgz" -C "$out" levers

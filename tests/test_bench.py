@@ -291,3 +291,34 @@ def test_model_flops_count_a_batched_cfg_forward_as_two(tmp_path):
     batched, separate = row(True), row(False)
     assert batched["calls_no_grad"] == separate["calls_no_grad"] - 1  # the teacher's two forwards in one
     assert batched["model_flops"] == pytest.approx(separate["model_flops"], rel=1e-6)
+
+
+def test_model_flops_count_a_backward_through_frozen_weights_as_one_forward(tmp_path, capsys):
+    """A call with grad costs 2 forwards plus the share of parameters that take weight gradients: 3 for a trainable
+    role, 2 through frozen weights, barely over 2 for a LoRA role over its frozen base (`--lora`)."""
+    from distill.bench.dmd2_step import main as step_main
+    from distill.bench.training import _forwards
+    from distill.models.lora import add_lora
+    from distill.config import LoraSettings
+
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        assert _forwards(layer) == 1.0
+    assert _forwards(layer) == 3.0
+    assert _forwards(layer.requires_grad_(False)) == 2.0
+
+    result = step_main([*TINY_WAN, "--text-length", "16", "--text-dim", "32", "--iterations", "3", "--warmup", "1",
+                        "--zero-stage", "1", "--lora", "4", "--output", str(tmp_path / "run")])
+    assert result["lora_rank"] == 4 and 0 < result["mfu"] < 1
+    lora_forwards = {round(f, 3) for f in [_forwards(m) for m in [_lora_denoiser(add_lora, LoraSettings)]]}
+    assert all(2.0 < f < 2.2 for f in lora_forwards)
+    capsys.readouterr()
+
+
+def _lora_denoiser(add_lora, settings_cls):
+    from diffusers import WanTransformer3DModel
+
+    from distill.models.wan import PRESETS, WanPlugin
+
+    module = WanTransformer3DModel(**PRESETS["tiny"]["transformer"], in_channels=4, out_channels=4)
+    return add_lora(module, settings_cls(rank=4), WanPlugin.lora_target_modules, key="roles.student.lora")

@@ -2,9 +2,11 @@
 
     python -m distill.bench.dmd2_step --preset wan2.1-1.3b --frames 81 --height 480 --width 832
     python -m distill.bench.dmd2_step --set model.compile=true --warmup 4   # one lever of issue 14
+    python -m distill.bench.dmd2_step --preset wan2.1-14b --lora 64          # LoRA student and critic, shared base
 
 Builds teacher (frozen, bf16), student and critic (ZeRO-2 bf16 DeepSpeed engines, activation
-checkpointing) from an in-code preset with random weights, feeds random text embeddings
+checkpointing; with --lora, LoRA adapters of that rank over the teacher's base, held once) from an
+in-code preset with random weights, feeds random text embeddings
 (no text encoder needed), runs the real Trainer iterations, and prints seconds per
 iteration of each kind (median after warm-up), model FLOPs utilisation against a bf16 matmul
 peak measured in the same run, and the peak GPU memory. `--set KEY=VALUE` overrides any key of
@@ -48,13 +50,14 @@ class RandomEmbeddings(Dataset):
 
 
 def bench_config(args) -> dict:
+    lora = {"lora": {"rank": args.lora}, "share_base": True} if args.lora else {}
     return {
         "run": {"name": "bench-dmd2-step", "output": args.output, "seed": 0},
         "model": {"family": "wan", "preset": args.preset, "pixel_space": False, "flow_shift": 3.0,
                   "max_text_length": args.text_length, "gradient_checkpointing": not args.no_checkpointing},
         "roles": {"teacher": {"trainable": False},
-                  "student": {"init_from": "teacher", "trainable": True},
-                  "critic": {"init_from": "teacher", "trainable": True}},
+                  "student": {"init_from": "teacher", "trainable": True, **lora},
+                  "critic": {"init_from": "teacher", "trainable": True, **lora}},
         "method": "dmd2",
         "method_config": {"rollout_mode": "simulate", "dmd_denoising_steps": [1000, 750, 500, 250],
                           "warp_denoising_step": True, "generator_update_interval": args.interval,
@@ -88,6 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--gan", action="store_true", help="with DMD2's GAN term (SDXL recipe weights)")
     p.add_argument("--ema", action="store_true", help="with an EMA of the student")
+    p.add_argument("--lora", type=at_least(1), default=None, metavar="RANK",
+                   help="student and critic as LoRA adapters of this rank over the teacher's base (share_base)")
     p.add_argument("--output", default="runs/bench-dmd2-step")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -134,6 +139,7 @@ def main(argv=None) -> dict:
         "model": to_dict(cfg)["model"],
         "gan": args.gan,
         "ema": args.ema,
+        "lora_rank": args.lora,
         "build_seconds": round(build_seconds, 2),
         **figures,
     }

@@ -2,8 +2,10 @@
 
 Model FLOPs: one forward of each named module of the roles (the denoiser `transformer`, and any
 head or second expert) is counted once with torch's FlopCounterMode on a real training input;
-every call of that module in a timed iteration then counts one forward, or three (forward +
-backward) when it runs with grad. Modules of the same name in different roles share an
+every call of that module in a timed iteration then counts one forward, and with grad one more
+for the input gradients plus one for the weight gradients in proportion to the parameters that
+take them: three for a trainable role, two through frozen weights (a LoRA role's base, a role
+frozen for another's loss). Modules of the same name in different roles share an
 architecture (roles start from one another). Activation recomputation is not counted, as
 model-FLOPs utilisation requires. The peak is a bf16 (GPU) or fp32 (CPU) matrix product
 measured in the same process.
@@ -44,14 +46,14 @@ class CallCounter:
     name's first input."""
 
     def __init__(self, roles):
-        self.calls: list[tuple[str, bool, int]] = []
+        self.calls: list[tuple[str, float, int]] = []
         self.examples: dict[str, tuple] = {}
         self.hooks = [module.register_forward_hook(self._hook(name), with_kwargs=True)
                       for handle in roles for name, module in handle.modules.items()]
 
     def _hook(self, name: str):
         def record(module, args, kwargs, output):
-            self.calls.append((name, torch.is_grad_enabled(), _batch_size(args, kwargs)))
+            self.calls.append((name, _forwards(module), _batch_size(args, kwargs)))
             if name not in self.examples:
                 self.examples[name] = (module, _detached(args), _detached(kwargs))
         return record
@@ -59,6 +61,15 @@ class CallCounter:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def _forwards(module: torch.nn.Module) -> float:
+    """A call's cost in forwards: 1 without grad; with grad 2 (forward, input gradients) plus the share of the
+    module's parameters that take weight gradients (1 for a trainable role, about 0 under a LoRA adapter)."""
+    if not torch.is_grad_enabled():
+        return 1.0
+    sizes = [(p.numel(), p.requires_grad) for p in module.parameters()]
+    return 2.0 + sum(n for n, grad in sizes if grad) / max(1, sum(n for n, _ in sizes))
 
 
 def _detached(values):
@@ -121,10 +132,9 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
     peak = matmul_peak(device)
     for r in rows:
         calls = r.pop("calls")
-        r["calls_with_grad"] = sum(grad for _, grad, _ in calls)
+        r["calls_with_grad"] = sum(forwards > 1 for _, forwards, _ in calls)
         r["calls_no_grad"] = len(calls) - r["calls_with_grad"]
-        r["model_flops"] = sum(flops[name] * batch / example_batch[name] * (3 if grad else 1)
-                               for name, grad, batch in calls)
+        r["model_flops"] = sum(flops[name] * batch / example_batch[name] * forwards for name, forwards, batch in calls)
         r["mfu"] = r["model_flops"] / r["seconds"] / peak
     samples = trainer.cfg.training.batch_size * trainer.cfg.training.gradient_accumulation_steps * trainer.dist.world_size
     mean_seconds = statistics.fmean(r["seconds"] for r in rows)
