@@ -6,6 +6,8 @@ CPU only, no network, no models built: these tests only load and check configs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -237,3 +239,11 @@ def test_cli_check_config_bad(tmp_path, capsys):
 def test_cli_check_config_bad_override(capsys):
     assert cli.main(["check-config", str(TINY_DMD2), "--set", "training.learning_rate=-1"]) == 2
     assert "training.learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml")
+                                        if "pipeline" not in p.name))
+def test_every_example_run_config_loads(path):
+    """The configs/ examples (run configs; the flows' pipeline specs are tested with the flows) pass every check."""
+    cfg = load_config(path)
+    assert cfg.roles and cfg.method
