@@ -44,8 +44,9 @@ class RoleHandle:
     optimizer_steps: int = 0
     """Optimizer steps applied so far (micro-batch steps inside an accumulation window don't count)."""
     last_grad_norm: float | None = field(default=None, repr=False)
-    base: dict | None = None
-    """A LoRA role: the fingerprint of the frozen base weights its adapter applies to (`distill.models.lora`)."""
+    base: dict[str, dict] | None = None
+    """A LoRA role: by module, the fingerprint of the frozen base weights its adapter applies to
+    (`distill.models.lora`)."""
     _frozen: bool = field(default=False, repr=False)
 
     def module(self, key: str = "transformer"):

@@ -94,7 +94,7 @@ def test_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
     states = torch.load(ckpt / "roles" / "student" / "state" / "mp_rank_00_model_states.pt", weights_only=False)
     assert states["module"] and all("lora_" in k for k in states["module"])  # no base weights
     base = json.loads((ckpt / "export" / "transformer" / "base.json").read_text())
-    assert base == manifest["lora_bases"]["student"] and base["weights"] == "preset:tiny:init_seed=0"
+    assert base == manifest["lora_bases"]["student"]["transformer"] and base["weights"] == "preset:tiny:init_seed=0"
     assert sorted(p.name for p in (ckpt / "export" / "transformer").iterdir()) == [
         "base.json", "pytorch_lora_weights.safetensors"]
 
@@ -107,9 +107,9 @@ def test_adapters_on_another_base_are_refused_naming_both(tmp_path):
     Trainer(lora_config(tmp_path, "training.max_steps=2")).train()
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     manifest = json.loads((ckpt / "MANIFEST.json").read_text())
-    digest = manifest["lora_bases"]["student"]["digest"]
+    digest = manifest["lora_bases"]["student"]["transformer"]["digest"]
     # Resuming over other base weights (a model.path folder whose files changed): refused before training.
-    manifest["lora_bases"]["student"]["digest"] = "0" * 16
+    manifest["lora_bases"]["student"]["transformer"]["digest"] = "0" * 16
     (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=f"digest 0000000000000000.*digest {digest}"):
         Trainer(lora_config(tmp_path, "training.max_steps=2"), resume="latest")

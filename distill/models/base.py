@@ -58,23 +58,30 @@ class ModelPlugin(ABC):
 
     # -- building roles --------------------------------------------------------------------
 
-    @abstractmethod
-    def new_denoiser(self) -> nn.Module:
-        """The model's own denoiser weights (from model.path, or a preset's random init), fp32."""
+    @property
+    def expert_keys(self) -> tuple[str, ...]:
+        """The denoisers every role holds, by module name: one (`denoiser_key`), or a family's experts (Wan 2.2
+        A14B: `transformer` for high noise, `transformer_2` for low), each call routed by its timestep."""
+        return (self.denoiser_key,)
 
     @abstractmethod
-    def load_denoiser(self, path: str, key: str) -> nn.Module:
-        """A denoiser from a folder, fp32; `key` names the config key for errors."""
+    def new_denoiser(self, expert: str | None = None) -> nn.Module:
+        """The model's own weights of denoiser `expert` (default: `denoiser_key`), from model.path or a preset's
+        random init, fp32."""
+
+    @abstractmethod
+    def load_denoiser(self, path: str, key: str, expert: str | None = None) -> nn.Module:
+        """Denoiser `expert` (default: `denoiser_key`) from a folder, fp32; `key` names the config key for errors."""
 
     def load_module(self, name: str, folder: str) -> nn.Module:
         """Module `name` of an exported role, from its folder; every exported module is a denoiser by default."""
-        return self.load_exported(folder, key=f"export/{name}")
+        return self.load_exported(folder, key=f"export/{name}", expert=name)
 
-    def load_exported(self, folder: str, key: str) -> nn.Module:
+    def load_exported(self, folder: str, key: str, expert: str | None = None) -> nn.Module:
         """A denoiser from a checkpoint's export folder, fp32: a diffusers folder, or a LoRA adapter fused into the
         model's own weights (refused unless they are the base it was trained on)."""
         if is_adapter_folder(Path(folder)):
-            return fused(self.new_denoiser(), Path(folder), self.model_weights(), where=f"{key} ({folder})")
+            return fused(self.new_denoiser(expert), Path(folder), self.model_weights(), where=f"{key} ({folder})")
         return self.load_denoiser(folder, key=key)
 
     def build_roles(self, names: list[str] | None = None) -> RoleManager:
@@ -87,45 +94,50 @@ class ModelPlugin(ABC):
             while name in roles and name not in needed:
                 needed.add(name)
                 name = roles[name].init_from
-        modules: dict[str, nn.Module] = {}
+        experts = self.expert_keys
+        modules: dict[str, dict[str, nn.Module]] = {}  # role -> its denoisers by module name, fp32
         for name in (n for n in _init_order(roles) if n in needed):
             source = roles[name].init_from
+            key = f"roles.{name}.init_from"
             if roles[name].share_base:
-                continue  # its base is the source role's module, once that is cast (below)
+                continue  # its base is the source role's modules, once those are cast (below)
             if source is None:
-                modules[name] = self.new_denoiser()
+                modules[name] = {e: self.new_denoiser(e) for e in experts}
             elif source in roles:
                 modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
             elif hub_id(source) is not None:
-                modules[name] = self.load_denoiser(source, key=f"roles.{name}.init_from")
-            else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoiser
+                modules[name] = {e: self.load_denoiser(source, key, e) for e in experts}
+            else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoisers
                 export = resolve_export(source, self.cfg.storage)
-                key = f"roles.{name}.init_from"
-                modules[name] = (self.load_exported(str(Path(export) / self.denoiser_key), key) if export
-                                 else self.load_denoiser(source, key))
-        built: dict[str, nn.Module] = {}
+                modules[name] = {e: self.load_exported(str(Path(export) / e), key, e) if export
+                                 else self.load_denoiser(source, key, e) for e in experts}
+        built: dict[str, dict[str, nn.Module]] = {}
         for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
             role = roles[name]
-            if role.share_base:
-                built[name] = share_weights(built[role.init_from])  # the base role, frozen and cast already
-            else:
-                built[name] = modules[name].to(self.device)
-            if role.lora is not None:
-                if not role.share_base:  # a base of its own, frozen like the teacher's
-                    cast_role(built[name].requires_grad_(False), self.frozen_dtype)
-                add_lora(built[name], role.lora, self.lora_target_modules, key=f"roles.{name}.lora")
-                built[name].train()
-            elif role.trainable:
-                built[name].train().requires_grad_(True)
-            else:
-                cast_role(built[name].eval().requires_grad_(False), self.frozen_dtype)
+            built[name] = {}
+            for e in experts:
+                if role.share_base:
+                    module = share_weights(built[role.init_from][e])  # the base role's, frozen and cast already
+                else:
+                    module = modules[name][e].to(self.device)
+                if role.lora is not None:
+                    if not role.share_base:  # a base of its own, frozen like the teacher's
+                        cast_role(module.requires_grad_(False), self.frozen_dtype)
+                    add_lora(module, role.lora, self.lora_target_modules, key=f"roles.{name}.lora")
+                    module.train()
+                elif role.trainable:
+                    module.train().requires_grad_(True)
+                else:
+                    cast_role(module.eval().requires_grad_(False), self.frozen_dtype)
+                built[name][e] = module
         handles = {}
         for name in (n for n in roles if n in wanted):
-            role, module = roles[name], built[name]
-            self.set_up_denoiser(module, trainable=role.trainable)
-            base = base_fingerprint(module, self.weights_of(name)) if role.lora is not None else None
-            handles[name] = RoleHandle(name=name, modules={self.denoiser_key: module}, trainable=role.trainable,
-                                       base=base)
+            role = roles[name]
+            for module in built[name].values():
+                self.set_up_denoiser(module, trainable=role.trainable)
+            base = ({e: base_fingerprint(m, self.weights_of(name)) for e, m in built[name].items()}
+                    if role.lora is not None else None)
+            handles[name] = RoleHandle(name=name, modules=built[name], trainable=role.trainable, base=base)
         return RoleManager(handles)
 
     def weights_of(self, role: str) -> str:
@@ -147,8 +159,9 @@ class ModelPlugin(ABC):
         """A frozen handle around modules (e.g. a checkpoint's exported student, for sampling)."""
         for module in modules.values():
             cast_role(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
-        if self.denoiser_key in modules:
-            self.set_up_denoiser(modules[self.denoiser_key], trainable=False)
+        for key in self.expert_keys:
+            if key in modules:
+                self.set_up_denoiser(modules[key], trainable=False)
         return RoleHandle(name=name, modules=dict(modules), trainable=False)
 
     def set_up_denoiser(self, module: nn.Module, *, trainable: bool) -> None:

@@ -38,7 +38,13 @@ _WAN21_TRANSFORMER = dict(  # what Wan 2.1's full-size transformers share; heads
     patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
-_PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3}
+_WAN22_VAE = dict(  # what the Wan 2.2 VAE's structure adds to 2.1's: 2 x 2 patchified pixels, residual blocks
+    is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+    temperal_downsample=[False, True, True],
+)
+_PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3, "transformer_2": 4}
+EXPERTS = ("transformer", "transformer_2")
+"""A two-expert model's denoisers (Wan 2.2 A14B): high noise, then low noise, as WanPipeline names them."""
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         transformer=dict(
@@ -89,6 +95,44 @@ PRESETS: dict[str, dict] = {
         text_encoder=_UMT5_XXL,
         vae=dict(),
     ),
+    # The Wan2.2-TI2V-5B architecture (random weights; its real latents_mean / latents_std come with model.path):
+    # 30 blocks, 24 heads of 128, over the Wan 2.2 VAE's 48 latent channels. That VAE patchifies 2 x 2 pixels
+    # into its 12 input channels and compresses 16 x in space (with the transformer's patches: 32 x), 4 x in time.
+    "wan2.2-ti2v-5b": dict(
+        transformer=dict(_WAN21_TRANSFORMER, num_attention_heads=24, ffn_dim=14336, num_layers=30),
+        text_encoder=_UMT5_XXL,
+        vae=dict(_WAN22_VAE, base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+    ),
+    # The same kinds of component at test size: the 48-channel VAE's structure (patchified, residual) with 8.
+    "tiny-ti2v": dict(
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+                         ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                         rope_max_seq_len=32),
+        text_encoder=_TINY_TEXT,
+        vae=dict(_WAN22_VAE, base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                 latents_mean=[0.0] * 8, latents_std=[1.0] * 8),
+    ),
+    # The Wan2.2-T2V-A14B architecture (random weights): two experts of the 14B architecture, `transformer` for the
+    # timesteps at or above boundary_ratio · T (high noise) and `transformer_2` below, as WanPipeline switches them.
+    "wan2.2-a14b": dict(
+        transformer=dict(_WAN21_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        text_encoder=_UMT5_XXL,
+        vae=dict(),
+        boundary_ratio=0.875,
+    ),
+    # Two tiny experts, for tests.
+    "tiny-a14b": dict(
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+                         ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                         rope_max_seq_len=32),
+        text_encoder=_TINY_TEXT,
+        vae=dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
+        boundary_ratio=0.875,
+    ),
 }
 
 
@@ -111,6 +155,8 @@ class WanPlugin(FlowMatchFamily):
         self._text_encoder: nn.Module | None = None  # built on first use: batches may carry embeddings
         self._embeds: dict[str, torch.Tensor] = {}
         self.latent_channels = 3 if m.pixel_space else self.vae.config.z_dim
+        self.boundary_ratio = self._boundary_ratio()
+        """Two experts: the fraction of T at and above which `transformer` runs, below it `transformer_2`."""
         self.latents_key = "pixels" if m.pixel_space else "vae_latent"
         self.latent_shape = self.video_latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width, key="data")
 
@@ -135,24 +181,45 @@ class WanPlugin(FlowMatchFamily):
             torch.manual_seed(self.cfg.model.init_seed * 1009 + _PART_SEEDS[part])
             yield
 
-    def new_denoiser(self) -> WanTransformer3DModel:
+    def _boundary_ratio(self) -> float | None:
+        """A preset's, or that of model.path's pipeline (its model_index.json) when it has a `transformer_2`."""
         m = self.cfg.model
+        if m.preset is not None:
+            return PRESETS[m.preset].get("boundary_ratio")
+        from diffusers import DiffusionPipeline
+
+        if hub_id(m.path) is None and not (Path(m.path) / "model_index.json").is_file():
+            return None
+        index = DiffusionPipeline.load_config(m.pretrained)
+        if (index.get("transformer_2") or [None])[0] is None:
+            return None
+        if index.get("boundary_ratio") is None:
+            raise ConfigError(f"model.path: {m.path} has a transformer_2 but no boundary_ratio in its model_index.json")
+        return float(index["boundary_ratio"])
+
+    @property
+    def expert_keys(self) -> tuple[str, ...]:
+        return EXPERTS if self.boundary_ratio is not None else (self.denoiser_key,)
+
+    def new_denoiser(self, expert: str | None = None) -> WanTransformer3DModel:
+        m, expert = self.cfg.model, expert or self.denoiser_key
         if m.path is not None:
-            return self.load_denoiser(m.path, key="model.path")
+            return self.load_denoiser(m.path, key="model.path", expert=expert)
         channels = 3 if m.pixel_space else self.vae.config.z_dim
         # Random init straight on the device: 1.3B params init fast there.
-        with torch.device(self.device), self._preset_seed("transformer"):
+        with torch.device(self.device), self._preset_seed(expert):
             return WanTransformer3DModel(**self._preset("transformer"), in_channels=channels, out_channels=channels)
 
-    def load_denoiser(self, path: str, key: str) -> WanTransformer3DModel:
+    def load_denoiser(self, path: str, key: str, expert: str | None = None) -> WanTransformer3DModel:
+        expert = expert or self.denoiser_key
         if hub_id(path) is not None:
-            return WanTransformer3DModel.from_pretrained(hub_id(path), subfolder="transformer", torch_dtype=torch.float32)
+            return WanTransformer3DModel.from_pretrained(hub_id(path), subfolder=expert, torch_dtype=torch.float32)
         folder = Path(path)
-        if (folder / "transformer" / "config.json").is_file():
-            return WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32)
-        if (folder / "config.json").is_file():
+        if (folder / expert / "config.json").is_file():
+            return WanTransformer3DModel.from_pretrained(folder, subfolder=expert, torch_dtype=torch.float32)
+        if (folder / "config.json").is_file():  # a transformer's own folder
             return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32)
-        raise ConfigError(f"{key}: {path} holds no transformer (no config.json in it or in its transformer/)")
+        raise ConfigError(f"{key}: {path} holds no {expert} (no config.json in it or in its {expert}/)")
 
     def _load_vae(self) -> AutoencoderKLWan:
         if self.cfg.model.path is not None:
@@ -291,16 +358,32 @@ class WanPlugin(FlowMatchFamily):
 
     def predict_velocity(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,
                          conditional: bool) -> torch.Tensor:
-        """The transformer's flow output v = ε − x0, in fp32."""
-        module = handle.module(self.denoiser_key)
-        dtype = next(handle.modules[self.denoiser_key].parameters()).dtype
+        """The transformer's flow output v = ε − x0, in fp32. Two experts: each sample goes to the one its timestep
+        selects, as in WanPipeline (`transformer` where t ≥ boundary_ratio · T, else `transformer_2`)."""
         embeds = batch.prompt_embeds if conditional else batch.negative_prompt_embeds
+        if self.boundary_ratio is None:
+            return self._velocity(handle, self.denoiser_key, x_t, t, embeds)
+        high = t.to(x_t.device) >= self.boundary_ratio * self.num_train_timesteps
+        if high.all() or not high.any():
+            return self._velocity(handle, EXPERTS[0] if high.all() else EXPERTS[1], x_t, t, embeds)
+        out = torch.empty(x_t.shape, device=x_t.device, dtype=torch.float32)
+        for expert, rows in zip(EXPERTS, (high, ~high)):
+            out[rows] = self._velocity(handle, expert, x_t[rows], t.to(x_t.device)[rows], embeds[rows])
+        return out
+
+    def _velocity(self, handle: RoleHandle, expert: str, x_t: torch.Tensor, t: torch.Tensor,
+                  embeds: torch.Tensor) -> torch.Tensor:
+        module = handle.module(expert)
+        dtype = next(handle.modules[expert].parameters()).dtype
         out = module(
             hidden_states=x_t.to(dtype), timestep=t.to(x_t.device), encoder_hidden_states=embeds.to(dtype), return_dict=False
         )[0]
         return out.float()
 
     def block_feature_shape(self, handle: RoleHandle) -> tuple[int, int]:
+        if self.boundary_ratio is not None:
+            raise ConfigError("method_config.gan_critic_weight: the GAN head reads the blocks of one denoiser; a "
+                              "two-expert model (Wan 2.2 A14B) is not supported yet: set it to 0")
         config = handle.modules[self.denoiser_key].config
         return config.num_layers, config.num_attention_heads * config.attention_head_dim
 
@@ -334,14 +417,17 @@ class WanPlugin(FlowMatchFamily):
             "negative_prompt": self.cfg.data.negative_prompt,
         }
         if lora and not fuse:
+            if len(self.expert_keys) > 1:
+                raise InputError("export: a two-expert LoRA student exports merged only, for now; pass --fuse")
             tensors, config, base = read_adapter(folder)
             WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors,
                                           transformer_lora_adapter_metadata=config)
             scheduler.save_pretrained(Path(out_dir) / "scheduler")
             return {**record, "lora": {"file": ADAPTER_FILE, "base": base}}
-        transformer = self.load_exported(str(folder), key=f"export/{self.denoiser_key}")
+        experts = {e: self.load_exported(str(Path(modules_folder) / e), key=f"export/{e}", expert=e)
+                   for e in self.expert_keys}
         pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                           scheduler=scheduler, transformer=transformer)
+                           scheduler=scheduler, **experts, boundary_ratio=self.boundary_ratio)
         pipe.save_pretrained(out_dir)
         if self.vae is None:  # pixel space: record the absent VAE as diffusers records an absent transformer_2
             index = Path(out_dir) / "model_index.json"

@@ -24,7 +24,7 @@ class WanValidator:
     def run(self, request: ValidationRequest) -> ValidationResult:
         plugin = self.plugin
         handle = request.sample_handle
-        transformer = handle.modules[plugin.denoiser_key]
+        experts = [handle.modules[key] for key in plugin.expert_keys]  # two: WanPipeline switches at boundary_ratio
         scheduler = plugin.sampling_scheduler(request.sampling)
         shape = plugin.video_latent_shape(request.num_frames, request.height, request.width)
         negative = plugin.encode_prompts([request.negative_prompt])
@@ -32,16 +32,19 @@ class WanValidator:
         cfg_passes = 2 if guidance > 1.0 else 1
         batched = cfg_passes == 2 and plugin.cfg.model.batched_cfg
         if batched:  # the pipeline then samples without guidance, and the denoiser it calls applies it
-            denoiser, pipe_guidance, pipe_negative = BatchedCFG(transformer, negative, guidance), 1.0, None
+            denoisers, pipe_guidance, pipe_negative = [BatchedCFG(e, negative, guidance) for e in experts], 1.0, None
         else:
-            denoiser, pipe_guidance, pipe_negative = transformer, guidance, negative
+            denoisers, pipe_guidance, pipe_negative = experts, guidance, negative
         pipe = WanPipeline(
-            tokenizer=plugin.tokenizer, text_encoder=None, vae=plugin.vae, scheduler=scheduler, transformer=denoiser
+            tokenizer=plugin.tokenizer, text_encoder=None, vae=plugin.vae, scheduler=scheduler,
+            transformer=denoisers[0], transformer_2=denoisers[1] if len(denoisers) > 1 else None,
+            boundary_ratio=plugin.boundary_ratio,
         )
         pipe.set_progress_bar_config(disable=True)
 
-        was_training = transformer.training
-        transformer.eval()
+        was_training = [e.training for e in experts]
+        for e in experts:
+            e.eval()
         videos, seconds, denoise_seconds, names = [], [], [], []
         try:
             for p_idx, prompt in enumerate(request.prompts):
@@ -81,7 +84,8 @@ class WanValidator:
                         videos.append(to_uint8_frames(out[0], value_range=(0.0, 1.0)))
                     names.append(f"p{p_idx:02d}-s{seed}.{request.video_format}")
         finally:
-            transformer.train(was_training)
+            for e, training in zip(experts, was_training):
+                e.train(training)
 
         result = ValidationResult(
             frames=videos,

@@ -80,9 +80,9 @@ class CheckpointContents:
     """The exported modules are not an engine's weights but state of their own (an EMA): resume reads them back."""
     manifest: dict = field(default_factory=dict)
     """Further manifest fields (export role, sampling, method metadata) for readers of the checkpoint."""
-    bases: dict[str, dict] = field(default_factory=dict)
-    """LoRA role name → the fingerprint of the base weights its adapter applies to: saved in the manifest (and beside
-    the exported adapter), and the same base required to resume."""
+    bases: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """LoRA role name → module name → the fingerprint of the base weights its adapter applies to: saved in the
+    manifest (and beside the exported adapter), and the same base required to resume."""
 
 
 def _barrier() -> None:
@@ -124,9 +124,9 @@ class CheckpointManager:
             engine.save_checkpoint(str(staging / "roles" / role), tag="state", save_latest=False,
                                    exclude_frozen_parameters=True)
         # 2. The exported role's modules as diffusers folders (a LoRA adapter as diffusers saves one).
-        export_base = contents.bases.get(contents.manifest.get("export_role"))
+        export_bases = contents.bases.get(contents.manifest.get("export_role")) or {}
         for key, module in contents.export.items():
-            self._save_module(module, staging / EXPORT / key, export_base)
+            self._save_module(module, staging / EXPORT / key, export_bases.get(key))
         # 3. This rank's stateful objects.
         (staging / "trainer").mkdir(parents=True, exist_ok=True)
         torch.save({k: s.state_dict() for k, s in contents.states.items()}, staging / "trainer" / f"rank-{self.rank:05d}.pt")
@@ -278,8 +278,9 @@ class CheckpointManager:
         saved = yaml.safe_load((folder / "config.yaml").read_text())
         _check_same_run(saved, contents.config, where)
         saved_bases = json.loads((folder / MANIFEST).read_text()).get("lora_bases", {})
-        for role, base in contents.bases.items():
-            check_same_base(saved_bases.get(role, {}), base, f"{where} (role {role!r})")
+        for role, bases in contents.bases.items():
+            for key, base in bases.items():
+                check_same_base(saved_bases.get(role, {}).get(key, {}), base, f"{where} (role {role!r}, {key})")
         for role, engine in contents.engines.items():
             frozen = any(not p.requires_grad for p in engine.module.parameters())  # saved without its frozen base
             path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag="state", load_module_strict=not frozen,
