@@ -578,10 +578,11 @@ def test_check_config_passes_backends_and_compilers_that_run_here(tmp_path, caps
                                                                                                   "aot_eager", 2)
 
 
-@pytest.mark.parametrize("preset, billions", [("wan2.1-1.3b", 1.419), ("wan2.1-14b", 14.288)])
+@pytest.mark.parametrize("preset, billions", [("wan2.1-1.3b", 1.419), ("wan2.1-14b", 14.288),
+                                             ("wan2.2-ti2v-5b", 4.999), ("wan2.2-a14b", 14.288)])
 def test_the_full_size_presets_are_the_released_architectures(preset, billions):
-    """Random-weight presets of Wan2.1-T2V-1.3B and -14B for the GPU benchmarks: their transformers' parameter
-    counts, built on the meta device (no memory)."""
+    """Random-weight presets of Wan2.1-T2V-1.3B and -14B, Wan2.2-TI2V-5B and -T2V-A14B (each of its two experts) for
+    the GPU benchmarks: their transformers' parameter counts, built on the meta device (no memory)."""
     from diffusers import WanTransformer3DModel
 
     from distill.models.wan import PRESETS
