@@ -59,10 +59,10 @@ class PointsPlugin(FlowMatchFamily):
         if cfg.model.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)}")
 
-    def new_denoiser(self) -> PointsDenoiser:
+    def new_denoiser(self, expert: str | None = None) -> PointsDenoiser:  # one denoiser: no experts
         return PointsDenoiser(**PRESETS[self.cfg.model.preset], num_train_timesteps=self.num_train_timesteps)
 
-    def load_denoiser(self, path: str, key: str) -> PointsDenoiser:
+    def load_denoiser(self, path: str, key: str, expert: str | None = None) -> PointsDenoiser:
         return PointsDenoiser.from_pretrained(path)
 
     def prepare_batch(self, raw: dict, *, latents_source) -> Batch:
