@@ -299,7 +299,7 @@ def test_model_flops_count_a_backward_through_frozen_weights_as_one_forward(tmp_
     from distill.bench.dmd2_step import main as step_main
     from distill.bench.training import _forwards
     from distill.models.lora import add_lora
-    from distill.config import LoraSettings
+    from distill.role_config import LoraSettings
 
     layer = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     with torch.no_grad():

@@ -14,20 +14,18 @@ t = T the pure-noise end; σ(t) is the fraction of noise at t.
 from __future__ import annotations
 
 import copy
-import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.utils.checkpoint
-from torch.utils.checkpoint import create_selective_checkpoint_contexts
 from torch import nn
 
 from distill.adapter import Batch, LatentsSource
 from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError
+from distill.models.checkpointing import checkpoint_inside, checkpoint_marked_blocks
 from distill.models.lora import add_lora, base_fingerprint, fused, is_adapter_folder, share_weights
 from distill.roles import RoleHandle, RoleManager
 from distill.run_layout import resolve_export
@@ -95,22 +93,31 @@ class ModelPlugin(ABC):
                 needed.add(name)
                 name = roles[name].init_from
         experts = self.expert_keys
-        modules: dict[str, dict[str, nn.Module]] = {}  # role -> its denoisers by module name, fp32
+        # A frozen role that no full-weight role copies is cast as each of its denoisers is made: the fp32 weights of
+        # one expert at a time, not of all (two 14B experts in fp32 would not fit one GPU beside their bf16 copies).
+        copied_in_fp32 = {r.init_from for r in roles.values() if r.trainable and r.lora is None}
+
+        def made(name: str, module: nn.Module) -> nn.Module:
+            if roles[name].trainable or name in copied_in_fp32:
+                return module
+            return cast_role(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
+
+        modules: dict[str, dict[str, nn.Module]] = {}  # role -> its denoisers by module name, fp32 unless frozen
         for name in (n for n in _init_order(roles) if n in needed):
             source = roles[name].init_from
             key = f"roles.{name}.init_from"
             if roles[name].share_base:
                 continue  # its base is the source role's modules, once those are cast (below)
             if source is None:
-                modules[name] = {e: self.new_denoiser(e) for e in experts}
+                modules[name] = {e: made(name, self.new_denoiser(e)) for e in experts}
             elif source in roles:
                 modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
             elif hub_id(source) is not None:
-                modules[name] = {e: self.load_denoiser(source, key, e) for e in experts}
+                modules[name] = {e: made(name, self.load_denoiser(source, key, e)) for e in experts}
             else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoisers
                 export = resolve_export(source, self.cfg.storage)
-                modules[name] = {e: self.load_exported(str(Path(export) / e), key, e) if export
-                                 else self.load_denoiser(source, key, e) for e in experts}
+                modules[name] = {e: made(name, self.load_exported(str(Path(export) / e), key, e) if export
+                                         else self.load_denoiser(source, key, e)) for e in experts}
         built: dict[str, dict[str, nn.Module]] = {}
         for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
             role = roles[name]
@@ -330,57 +337,6 @@ class _FeaturesTaken(Exception):
 def _partitions_weights(handle: RoleHandle) -> bool:
     engine = handle.engine
     return engine is not None and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
-
-
-def _saved_operators(kinds: tuple[str, ...]) -> list:
-    """The aten operators of each kind of `model.checkpoint_save` (those a device or torch build lacks left out)."""
-    aten = torch.ops.aten
-    names = {"attention": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-                           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                           "_flash_attention_forward", "_efficient_attention_forward"),
-             "matmul": ("mm", "addmm", "bmm")}
-    return [getattr(aten, name).default for kind in kinds for name in names[kind] if hasattr(aten, name)]
-
-
-def checkpoint_block(fn, *args, save: tuple[str, ...] = (), **kwargs):
-    """Non-reentrant activation checkpointing of `fn` (a block's call), as diffusers' default does it; with `save`,
-    selective: the outputs of those kinds of operator are kept and only the rest is recomputed."""
-    if save:
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _saved_operators(save))
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
-
-
-def checkpoint_marked_blocks(block: nn.Module, *args):
-    """diffusers' `gradient_checkpointing_func` when only some blocks recompute (`model.checkpoint_every` > 1) or
-    a recompute keeps some outputs (`model.checkpoint_save`): a block marked `_recompute` is checkpointed; the
-    others run plainly and keep their activations for the backward."""
-    if getattr(block, "_recompute", True):
-        return checkpoint_block(block.__call__, *args, save=getattr(block, "_checkpoint_save", ()))
-    return block(*args)
-
-
-_CHECKPOINTED_CLASSES: dict[type, type] = {}
-
-
-def _checkpointed_forward(self, *args, **kwargs):
-    if self._recompute and torch.is_grad_enabled():
-        return checkpoint_block(self._plain_forward, *args, save=self._checkpoint_save, **kwargs)
-    return self._plain_forward(*args, **kwargs)
-
-
-def checkpoint_inside(block: nn.Module) -> None:
-    """Activation checkpointing in the block's own forward (when it is marked `_recompute` and grad is on), so that
-    compiling the block compiles the checkpoint with it. The block's class becomes a subclass of the same name
-    (diffusers' `_repeated_blocks` matches by name) that only overrides `forward`: one forward for every block, so
-    one compiled graph serves them all; the state dict keeps its keys."""
-    cls = type(block)
-    if cls in _CHECKPOINTED_CLASSES.values():
-        return
-    if cls not in _CHECKPOINTED_CLASSES:
-        _CHECKPOINTED_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _checkpointed_forward, "_plain_forward": cls.forward, "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__})
-    block.__class__ = _CHECKPOINTED_CLASSES[cls]
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:

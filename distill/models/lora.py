@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.config import LoraSettings
+from distill.role_config import LoraSettings
 from distill.errors import ConfigError
 from distill.run_layout import CheckpointError
 

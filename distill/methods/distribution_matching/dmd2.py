@@ -163,7 +163,11 @@ class DMD2(DistillMethod):
     def _add_gan_head(self) -> list[int]:
         """The classifier head, a module of the critic (it trains in the critic's engine); returns its blocks."""
         critic = self.roles["critic"]
-        num_blocks, width = self.adapter.block_feature_shape(critic)
+        try:
+            num_blocks, width = self.adapter.block_feature_shape(critic)
+        except NotImplementedError as err:
+            raise ConfigError(f"method_config.gan_critic_weight: the classifier reads the critic's block features, "
+                              f"and {err}; set it to 0") from None
         blocks = self.method_cfg.gan_blocks or [num_blocks // 2]
         for i in blocks:
             if not -num_blocks <= i < num_blocks:
