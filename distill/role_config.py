@@ -47,6 +47,17 @@ class RoleConfig:
     share_base: bool = False
     """With lora: the adapter applies to the weights of the frozen role named by init_from, held once in memory
     (the teacher's), instead of to a copy of them."""
+    experts: list[str] | None = None
+    """A trainable role of a two-expert model (Wan 2.2 A14B): the experts it trains, by module name (`transformer`:
+    high noise, `transformer_2`: low noise); the others stay frozen. Unset = all."""
+
+    def validate(self, path: str) -> None:
+        if self.experts is not None:
+            if not self.trainable:
+                raise ConfigError(f"{path}.experts: names what a trainable role trains; this role is frozen")
+            if not self.experts or len(set(self.experts)) != len(self.experts):
+                raise ConfigError(f"{path}.experts: list each expert to train once (or leave it unset), got "
+                                  f"{self.experts}")
 
 
 def check_lora(name: str, role: RoleConfig, roles: dict[str, RoleConfig], zero_stage: int) -> None:

@@ -99,6 +99,10 @@ class RoleHandle:
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:
+            # None of the weights this role trains took part (the call went to an expert it keeps frozen): the step
+            # then applies zero gradients, as it does to any of its weights a loss does not reach.
+            loss = loss + sum(p.sum() for p in self.trainable_parameters()) * 0.0
         if self.engine is not None:
             self.engine.backward(loss)
         else:

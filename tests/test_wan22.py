@@ -18,9 +18,9 @@ from tiny import tiny_config
 SIZE = {"num_frames": 5, "height": 16, "width": 16}
 
 
-def two_experts(tmp_path, data=None, **sections):
+def two_experts(tmp_path, data=None, overrides=(), **sections):
     return tiny_config(tmp_path / "run", model={"preset": "tiny-a14b", "pixel_space": False}, data=data or SIZE,
-                       **sections)
+                       overrides=overrides, **sections)
 
 
 def test_each_call_goes_to_the_expert_its_timestep_selects(tmp_path):
@@ -145,3 +145,31 @@ def test_ti2v_5b_trains_on_the_48_channel_vae_layout(tmp_path):
     with pytest.raises(ConfigError, match="data.height: 48 must be a multiple of 32"):
         WanPlugin(tiny_config(tmp_path / "bad", model={"preset": "tiny-ti2v", "pixel_space": False},
                               data={"num_frames": 5, "height": 48, "width": 32}), device=torch.device("cpu"))
+
+
+def test_a_role_may_train_one_expert_and_keep_the_other_frozen(tmp_path):
+    from distill.config import ConfigError
+
+    cfg = two_experts(tmp_path, overrides=["roles.student.experts=[transformer_2]"],
+                      training={"max_steps": 3, "checkpoint_every": 3},
+                      method_config={"generator_update_interval": 1})
+    trainer = Trainer(cfg)
+    student, teacher = trainer.roles["student"], trainer.roles["teacher"]
+    stepped = {id(p) for group in student.engine.optimizer.bit16_groups for p in group}
+    assert stepped == {id(p) for p in student.modules["transformer_2"].parameters()}
+    trainer.train()
+    high = student.modules["transformer"].state_dict()
+    assert all(torch.equal(v, teacher.modules["transformer"].state_dict()[k]) for k, v in high.items())
+    low, low_teacher = student.modules["transformer_2"].state_dict(), teacher.modules["transformer_2"].state_dict()
+    assert not torch.equal(low["proj_out.weight"], low_teacher["proj_out.weight"])
+    # The resumed run restores the trained expert from the engine state, the frozen one from the teacher.
+    resumed = Trainer(two_experts(tmp_path, overrides=["roles.student.experts=[transformer_2]"],
+                                  training={"max_steps": 3, "checkpoint_every": 3},
+                                  method_config={"generator_update_interval": 1}), resume="latest")
+    assert torch.equal(resumed.roles["student"].modules["transformer_2"].state_dict()["proj_out.weight"],
+                       low["proj_out.weight"])
+
+    with pytest.raises(ConfigError, match=r"roles\.student\.experts: transformer_3 is not a denoiser of this model"):
+        Trainer(two_experts(tmp_path / "bad", overrides=["roles.student.experts=[transformer_3]"]))
+    with pytest.raises(ConfigError, match=r"roles\.teacher\.experts: names what a trainable role trains"):
+        two_experts(tmp_path, overrides=["roles.teacher.experts=[transformer]"])

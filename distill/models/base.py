@@ -119,6 +119,7 @@ class ModelPlugin(ABC):
                 modules[name] = {e: made(name, self.load_exported(str(Path(export) / e), key, e) if export
                                          else self.load_denoiser(source, key, e)) for e in experts}
         built: dict[str, dict[str, nn.Module]] = {}
+        trains: dict[str, set[str]] = {name: self._trained_experts(name) for name in needed}
         for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
             role = roles[name]
             built[name] = {}
@@ -127,25 +128,38 @@ class ModelPlugin(ABC):
                     module = share_weights(built[role.init_from][e])  # the base role's, frozen and cast already
                 else:
                     module = modules[name][e].to(self.device)
-                if role.lora is not None:
-                    if not role.share_base:  # a base of its own, frozen like the teacher's
-                        cast_role(module.requires_grad_(False), self.frozen_dtype)
+                if role.lora is not None and not role.share_base:  # a base of its own, frozen like the teacher's
+                    cast_role(module.requires_grad_(False), self.frozen_dtype)
+                if e not in trains[name]:
+                    cast_role(module.eval().requires_grad_(False), self.frozen_dtype)
+                elif role.lora is not None:
                     add_lora(module, role.lora, self.lora_target_modules, key=f"roles.{name}.lora")
                     module.train()
-                elif role.trainable:
-                    module.train().requires_grad_(True)
                 else:
-                    cast_role(module.eval().requires_grad_(False), self.frozen_dtype)
+                    module.train().requires_grad_(True)
                 built[name][e] = module
         handles = {}
         for name in (n for n in roles if n in wanted):
             role = roles[name]
-            for module in built[name].values():
-                self.set_up_denoiser(module, trainable=role.trainable)
-            base = ({e: base_fingerprint(m, self.weights_of(name)) for e, m in built[name].items()}
-                    if role.lora is not None else None)
+            for e, module in built[name].items():
+                self.set_up_denoiser(module, trainable=e in trains[name])
+            base = ({e: base_fingerprint(m, self.weights_of(name)) for e, m in built[name].items()
+                     if e in trains[name]} if role.lora is not None else None)
             handles[name] = RoleHandle(name=name, modules=built[name], trainable=role.trainable, base=base)
         return RoleManager(handles)
+
+    def _trained_experts(self, name: str) -> set[str]:
+        """The denoisers role `name` trains: none when it is frozen, `roles.<name>.experts` or all."""
+        role = self.cfg.roles[name]
+        if not role.trainable:
+            return set()
+        if role.experts is None:
+            return set(self.expert_keys)
+        unknown = [e for e in role.experts if e not in self.expert_keys]
+        if unknown:
+            raise ConfigError(f"roles.{name}.experts: {', '.join(unknown)} is not a denoiser of this model; it has "
+                              f"{', '.join(self.expert_keys)}")
+        return set(role.experts)
 
     def weights_of(self, role: str) -> str:
         """Where a role's weights come from, in words: the checkpoint or hub id its init_from chain ends at, else
