@@ -108,11 +108,12 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     latent_shape = None
-    if args.gan:  # the Wan VAE's latent grid of this video size (time stride 4, space 8)
+    if args.gan:  # the preset VAE's latent grid of this video size (Wan 2.1: 16 channels, time stride 4, space 8)
         from distill.models.wan import PRESETS
 
-        channels = PRESETS[args.preset]["vae"].get("z_dim", 16)
-        latent_shape = (channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+        vae = PRESETS[args.preset]["vae"]
+        space, time_ = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
+        latent_shape = (vae.get("z_dim", 16), (args.frames - 1) // time_ + 1, args.height // space, args.width // space)
     try:
         cfg = build_config(apply_overrides(bench_config(args), args.overrides))
         # overwrite: the bench's folder holds nothing worth keeping, and the next lever measured goes there too
