@@ -274,7 +274,7 @@ def test_export_over_the_folder_that_holds_the_checkpoint_is_refused(capsys, che
 def test_a_failed_export_leaves_no_folder(tmp_path, capsys, checkpoint, monkeypatch):
     from distill.models.wan import WanPlugin
 
-    def half_written(self, modules_folder, out_dir, sampling):
+    def half_written(self, modules_folder, out_dir, sampling, *, fuse=False):
         (out_dir / "model_index.json").write_text("{}")
         raise InputError("the export failed half way")
 
