@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             load = "".join(f", {k}={v!r}" for k, v in record["load"].items())
             said = f"exported {record['role']} of {args.checkpoint} (step {record['step']}) to {args.out_dir}; "
             if "lora" in record:
+                loads = "".join(f"pipe.load_lora_weights({args.out_dir!r}"
+                                + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + "); "
+                                for kwargs in record["lora"]["load_lora_weights"])
                 print(said + f"sample with pipe = WanPipeline.from_pretrained(<the base: "
-                      f"{record['lora']['base']['weights']}>{load}); pipe.load_lora_weights({args.out_dir!r}); "
+                      f"{record['lora']['base']['weights']}>{load}); {loads}"
                       f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained({args.out_dir!r}, "
                       f"subfolder='scheduler'); pipe(prompt, {call})")
             else:

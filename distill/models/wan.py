@@ -289,10 +289,10 @@ class WanPlugin(FlowMatchFamily):
 
     def export_pipeline(self, modules_folder: Path, out_dir: Path, sampling: SamplingSpec, *, fuse: bool = False) -> dict:
         """Save a stock WanPipeline folder: the role's transformer, the shared components, a scheduler for `sampling`.
-        A LoRA role's adapter is saved as a diffusers LoRA file beside the scheduler, or with `fuse` merged into the
-        base weights of a whole pipeline folder."""
-        folder = Path(modules_folder) / self.denoiser_key
-        lora = is_adapter_folder(folder)
+        A LoRA role's adapters are saved as diffusers LoRA files beside the scheduler (one per expert it trained),
+        or with `fuse` merged into the base weights of a whole pipeline folder."""
+        adapters = [e for e in self.expert_keys if is_adapter_folder(Path(modules_folder) / e)]
+        lora = bool(adapters)
         if fuse and not lora:
             raise InputError(f"--fuse: the checkpoint's {self.denoiser_key} holds whole weights, not a LoRA adapter; "
                              f"export it without --fuse")
@@ -310,13 +310,18 @@ class WanPlugin(FlowMatchFamily):
             "negative_prompt": self.cfg.data.negative_prompt,
         }
         if lora and not fuse:
-            if len(self.expert_keys) > 1:
-                raise InputError("export: a two-expert LoRA student exports merged only, for now; pass --fuse")
-            tensors, config, base = read_adapter(folder)
-            WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors,
-                                          transformer_lora_adapter_metadata=config)
+            # WanPipeline.load_lora_weights(OUT_DIR) loads the first expert's file; the second's loads with its
+            # weight_name and load_into_transformer_2=True (an expert the role kept frozen has none: the base's)
+            loads = []
+            for expert in adapters:
+                tensors, config, base = read_adapter(Path(modules_folder) / expert)
+                name = ADAPTER_FILE if expert == self.denoiser_key else ADAPTER_FILE.replace(".", f"_{expert}.", 1)
+                WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors, weight_name=name,
+                                              transformer_lora_adapter_metadata=config)
+                loads.append({"weight_name": name, **({"load_into_transformer_2": True} if expert != self.denoiser_key
+                                                      else {})})
             scheduler.save_pretrained(Path(out_dir) / "scheduler")
-            return {**record, "lora": {"file": ADAPTER_FILE, "base": base}}
+            return {**record, "lora": {"load_lora_weights": loads, "base": base}}
         experts = {e: self.load_exported(str(Path(modules_folder) / e), key=f"export/{e}", expert=e)
                    for e in self.expert_keys}
         pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
