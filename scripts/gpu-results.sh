@@ -7,7 +7,8 @@
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
-#     compile-grads(-nockpt, -aot, -flash): scripts/compile_grads.py, the compiled gradients against eager.
+#     compile-grads(-nockpt, -aot, -flash, -undonated): scripts/compile_grads.py, the compiled gradients against eager.
+#     lora, lora-14b, lora-a14b: student and critic as rank-64 LoRA adapters over the teacher's base (issue 15).
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
 #     4-step and the first 1-step one), side by side, and one comparison per step count.
@@ -163,6 +164,7 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       # issue 15: LoRA student and critic (rank 64) over the teacher's base, held once
       [lora]="--iterations 12 --lora 64"
       [lora-14b]="--preset wan2.1-14b --iterations 7 --lora 64"
+      [lora-a14b]="--preset wan2.2-a14b --iterations 7 --lora 64"
       [compile-save]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention]"
       [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
 --set training.optimizer_implementation=fused"
