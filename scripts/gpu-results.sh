@@ -46,6 +46,9 @@ declare -A PART=(
   [w2]="method_config.real_score_guidance_scale=2.0"
   [w3]="method_config.real_score_guidance_scale=3.0"
   [long]="training.max_steps=4800 training.checkpoint_every=1600 validation.every=4800"    # three times the budget
+  # issue 15: student and critic as rank-32 LoRA adapters over the teacher's weights, at 5 x the learning rates
+  [lora]="roles.student.lora.rank=32 roles.student.share_base=true roles.critic.lora.rank=32 \
+roles.critic.share_base=true training.learning_rate=5.0e-4 training.fake_score_learning_rate=2.0e-3"
 )
 variant_run() {  # variant_run NAME: the training command's arguments
   local name=$1 steps=4 base=${1#1-} part
