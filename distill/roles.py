@@ -94,12 +94,16 @@ class RoleHandle:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def keeps_a_module_frozen(self) -> bool:
+        """Whether one of the role's modules trains nothing (an expert of a two-expert model it does not train)."""
+        return any(not any(p.requires_grad for p in m.parameters()) for m in self.modules.values())
+
     def named_trainable_parameters(self):
         """What the role's optimizer steps (a LoRA role: its adapter and added modules, not the base)."""
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
-        if not loss.requires_grad:
+        if not loss.requires_grad and self.keeps_a_module_frozen():
             # None of the weights this role trains took part (the call went to an expert it keeps frozen): the step
             # then applies zero gradients, as it does to any of its weights a loss does not reach.
             loss = loss + sum(p.sum() for p in self.trainable_parameters()) * 0.0
