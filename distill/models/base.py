@@ -102,6 +102,7 @@ class ModelPlugin(ABC):
                 return module
             return cast_role(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
 
+        trains: dict[str, set[str]] = {name: self._trained_experts(name) for name in needed}  # checked before any build
         modules: dict[str, dict[str, nn.Module]] = {}  # role -> its denoisers by module name, fp32 unless frozen
         for name in (n for n in _init_order(roles) if n in needed):
             source = roles[name].init_from
@@ -111,7 +112,7 @@ class ModelPlugin(ABC):
             if source is None:
                 modules[name] = {e: made(name, self.new_denoiser(e)) for e in experts}
             elif source in roles:
-                modules[name] = copy.deepcopy(modules[source])  # before any cast: full precision copy
+                modules[name] = copy.deepcopy(modules[source])  # fp32 when a full-weight role copies it (`made`)
             elif hub_id(source) is not None:
                 modules[name] = {e: made(name, self.load_denoiser(source, key, e)) for e in experts}
             else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoisers
@@ -119,7 +120,6 @@ class ModelPlugin(ABC):
                 modules[name] = {e: made(name, self.load_exported(str(Path(export) / e), key, e) if export
                                          else self.load_denoiser(source, key, e)) for e in experts}
         built: dict[str, dict[str, nn.Module]] = {}
-        trains: dict[str, set[str]] = {name: self._trained_experts(name) for name in needed}
         for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
             role = roles[name]
             built[name] = {}
