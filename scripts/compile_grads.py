@@ -54,16 +54,18 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
     p.add_argument("--compiled-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the compiled build only (model.compile_backend=aot_eager)")
+    p.add_argument("--video", type=int, nargs=3, default=None, metavar=("FRAMES", "HEIGHT", "WIDTH"),
+                   help="the video size on the GPU (default 81 480 832; smaller for the math attention backend)")
     p.add_argument("--no-donated-buffers", action="store_true",
                    help="AOT autograd's donated_buffer off (the backward may not reuse saved tensors' memory)")
     args = p.parse_args()
     if args.no_donated_buffers:
-        import torch._functorch.config
+        from torch._functorch import config as functorch_config
 
-        torch._functorch.config.donated_buffer = False
+        functorch_config.donated_buffer = False
     gpu = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
-    shape = ("wan2.1-1.3b", 81, 480, 832) if gpu else ("tiny", 5, 32, 32)
+    shape = ("wan2.1-1.3b", *(args.video or (81, 480, 832))) if gpu else ("tiny", 5, 32, 32)
     eager = WanPlugin(config(*shape, args.set), device=device)
     compiled = WanPlugin(config(*shape, [*args.set, "model.compile=true", *args.compiled_set]), device=device)
     g = torch.Generator(device).manual_seed(0)

@@ -7,7 +7,8 @@
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
-#     compile-grads(-nockpt, -aot, -flash, -undonated): scripts/compile_grads.py, the compiled gradients against eager.
+#     compile-grads(-nockpt, -aot, -flash, -undonated, -math, -small): scripts/compile_grads.py, compiled gradients
+#     against eager.
 #     lora, lora-14b, lora-a14b: student and critic as rank-64 LoRA adapters over the teacher's base (issue 15).
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-train   DMD2 variants (below), trained side by side
 #   VARIANTS="dmd ema gan gan-ema" scripts/gpu-results.sh ablation-bench   their benchmarks (teacher rows in the first
@@ -177,6 +178,9 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [compile-grads-nockpt]="--set model.gradient_checkpointing=false"
       [compile-grads-aot]="--compiled-set model.compile_backend=aot_eager"
       [compile-grads-undonated]="--no-donated-buffers"
+      # attention as plain matmuls and softmax (inductor's own kernels), at 17 x 240 x 416 where that fits
+      [compile-grads-math]="--video 17 240 416 --set model.attention_backend=_native_math"
+      [compile-grads-small]="--video 17 240 416"
       [compile-grads-flash]="--set model.attention_backend=_native_flash"
     )
     declare -A LATENCY=(  # wan_latency runs
