@@ -256,12 +256,13 @@ class WanPlugin(FlowMatchFamily):
         embeds = batch.prompt_embeds if conditional else batch.negative_prompt_embeds
         if self.boundary_ratio is None:
             return self._velocity(handle, self.denoiser_key, x_t, t, embeds)
-        high = t.to(x_t.device) >= self.boundary_ratio * self.num_train_timesteps
+        t = t.to(x_t.device)
+        high = t >= self.boundary_ratio * self.num_train_timesteps
         if high.all() or not high.any():
-            return self._velocity(handle, EXPERTS[0] if high.all() else EXPERTS[1], x_t, t, embeds)
+            return self._velocity(handle, EXPERTS[0] if high[0] else EXPERTS[1], x_t, t, embeds)
         out = torch.empty(x_t.shape, device=x_t.device, dtype=torch.float32)
         for expert, rows in zip(EXPERTS, (high, ~high)):
-            out[rows] = self._velocity(handle, expert, x_t[rows], t.to(x_t.device)[rows], embeds[rows])
+            out[rows] = self._velocity(handle, expert, x_t[rows], t[rows], embeds[rows])
         return out
 
     def _velocity(self, handle: RoleHandle, expert: str, x_t: torch.Tensor, t: torch.Tensor,

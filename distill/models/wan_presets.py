@@ -19,21 +19,20 @@ _WAN22_VAE = dict(  # what the Wan 2.2 VAE's structure adds to 2.1's: 2 x 2 patc
     is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
     temperal_downsample=[False, True, True],
 )
+_WAN21_14B = dict(_WAN21_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40)  # also each A14B expert
+_TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+    ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+_TINY_VAE = dict(  # the Wan 2.1 VAE's structure with 8 base channels and 4 latent ones
+    base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+    latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+)
 _PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3, "transformer_2": 4}
 EXPERTS = ("transformer", "transformer_2")
 """A two-expert model's denoisers (Wan 2.2 A14B): high noise, then low noise, as WanPipeline names them."""
 PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        transformer=dict(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
-            ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        ),
-        text_encoder=_TINY_TEXT,
-        vae=dict(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-        ),
-    ),
+    "tiny": dict(transformer=_TINY_TRANSFORMER, text_encoder=_TINY_TEXT, vae=_TINY_VAE),
     # CPU demos: 4x4 patches keep the token count low (5 x 8 x 8 at 5 x 32 x 32), so a 0.3M-parameter
     # model trains in minutes on two cores.
     "small": dict(
@@ -42,10 +41,7 @@ PRESETS: dict[str, dict] = {
             ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ),
         text_encoder=_TINY_TEXT,
-        vae=dict(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-        ),
+        vae=_TINY_VAE,
     ),
     # The shapes world on a GPU: ~6M parameters, 4x4 patches.
     "shapes": dict(
@@ -54,10 +50,7 @@ PRESETS: dict[str, dict] = {
             ffn_dim=1024, num_layers=6, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
         ),
         text_encoder=_TINY_TEXT,
-        vae=dict(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-        ),
+        vae=_TINY_VAE,
     ),
     # The Wan2.1-T2V-1.3B architecture (random weights): 30 blocks, 12 heads of 128, UMT5-XXL text, Wan 2.1 VAE.
     "wan2.1-1.3b": dict(
@@ -68,7 +61,7 @@ PRESETS: dict[str, dict] = {
     # The Wan2.1-T2V-14B architecture (random weights): 40 blocks, 40 heads of 128 (width 5120), the same text
     # encoder and VAE.
     "wan2.1-14b": dict(
-        transformer=dict(_WAN21_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        transformer=_WAN21_14B,
         text_encoder=_UMT5_XXL,
         vae=dict(),
     ),
@@ -83,9 +76,7 @@ PRESETS: dict[str, dict] = {
     ),
     # The same kinds of component at test size: the 48-channel VAE's structure (patchified, residual) with 8.
     "tiny-ti2v": dict(
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
-                         ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                         rope_max_seq_len=32),
+        transformer=_TINY_TRANSFORMER,
         text_encoder=_TINY_TEXT,
         vae=dict(_WAN22_VAE, base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                  latents_mean=[0.0] * 8, latents_std=[1.0] * 8),
@@ -93,21 +84,11 @@ PRESETS: dict[str, dict] = {
     # The Wan2.2-T2V-A14B architecture (random weights): two experts of the 14B architecture, `transformer` for the
     # timesteps at or above boundary_ratio · T (high noise) and `transformer_2` below, as WanPipeline switches them.
     "wan2.2-a14b": dict(
-        transformer=dict(_WAN21_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        transformer=_WAN21_14B,
         text_encoder=_UMT5_XXL,
         vae=dict(),
         boundary_ratio=0.875,
     ),
     # Two tiny experts, for tests.
-    "tiny-a14b": dict(
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
-                         ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                         rope_max_seq_len=32),
-        text_encoder=_TINY_TEXT,
-        vae=dict(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-        ),
-        boundary_ratio=0.875,
-    ),
+    "tiny-a14b": dict(transformer=_TINY_TRANSFORMER, text_encoder=_TINY_TEXT, vae=_TINY_VAE, boundary_ratio=0.875),
 }
