@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,27 @@ def init_distributed(device_type: str) -> DistInfo:
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
+        if device_type == "cpu":
+            _unlink_shm_buffer()
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The file DeepSpeed's CPU shared-memory all-reduce maps for `rank` (csrc/cpu/comm/shm.cpp names it so)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed never unlinks its shared-memory all-reduce buffers (66 MB per rank, made whenever all ranks
+    are local, one rank under the launcher included): every run would leave them in /dev/shm, in RAM, until
+    the machine runs out of memory. Once every rank has mapped every buffer (initialisation waits for that;
+    the barrier makes sure all ranks are past it) the names can go: the mappings stay."""
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
