@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 
 # The edit loop: no Docker build, no Prefect server, no multi-rank launch, no long training run (about 3 minutes).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not docker and not prefect_server and not multirank and not slow"
+	$(PY) -m pytest -q -m "not docker and not prefect_server and not multirank and not slow and not browser"
 
 clean:
 	rm -rf $(VENV) runs

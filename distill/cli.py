@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {report}")
             return 0
         if args.command == "compare":
-            from distill.bench.report import compare as compare_reports
+            from distill.bench.compare import compare as compare_reports
 
             _, markdown = compare_reports(args.reports, args.out, args.tolerance)
             print(markdown)

@@ -96,7 +96,8 @@ class TrainingConfig:
     optimizer_implementation: Literal["auto", "for_loop", "foreach", "fused"] = "auto"
     """Kernels of the trainable roles' AdamW step: torch's choice (auto: foreach on GPU), or for_loop, foreach, fused."""
     progress_bar: bool = True
-    """Show a progress bar on rank 0."""
+    """A progress bar on rank 0 when stderr is a terminal; off, or without a terminal, rank 0 writes a progress line
+    (iteration/total, the headline losses, seconds per iteration, ETA) every log_every iterations."""
 
     def validate(self, path: str) -> None:
         positive(self, path, "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every",

@@ -6,7 +6,9 @@ never overwrite each other's, while each run's later results version its own key
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -68,11 +70,32 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
                                   description=f"{cfg.run.name} metrics up to {step}")
 
 
-def publish_report(run: str, checkpoint: str, markdown: str, uri: str) -> None:
+def inline_images(markdown: str, read_bytes) -> str:
+    """Markdown whose relative PNG links (`![x](plot.png)`) carry the image itself as a data URI: the Prefect UI
+    shows an artifact away from the files it sits beside (local or S3), so a relative link would not load."""
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode(read_bytes(match[2])).decode()
+        return f"![{match[1]}](data:image/png;base64,{data})"
+
+    return _IMAGE.sub(inline, markdown)
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")
+
+
+def publish_report(run: str, checkpoint: str, markdown: str, uri: str, read_bytes, page: str) -> None:
+    """The report's markdown with its plots inline, and where its page with the videos is."""
+    markdown = inline_images(markdown, read_bytes).replace(
+        "The videos side by side: report.html in this folder.", f"The videos side by side: `{page}`.")
     create_markdown_artifact(key=artifact_key(run, "bench", checkpoint.rstrip("/").rsplit("/", 1)[-1]),
                              markdown=markdown, description=f"benchmark of {uri}")
 
 
-def publish_comparison(run: str, markdown: str, out: str) -> None:
-    create_markdown_artifact(key=artifact_key(run, "comparison"), markdown=markdown,
-                             description=f"checkpoints side by side ({out})")
+def publish_comparison(run: str, markdown: str, page: str) -> None:
+    """The regressions and the side-by-side table of compare.md (its long table of deltas stays in the file),
+    and where compare.html is."""
+    summary = markdown.split("## Deltas against the first report")[0].rstrip()
+    link = f"[compare.html]({page})" if page.startswith(("http://", "https://")) else f"`{page}`"
+    create_markdown_artifact(key=artifact_key(run, "comparison"),
+                             markdown=f"{summary}\n\nThe videos side by side, the plots: {link}\n",
+                             description=f"checkpoints side by side ({page})")

@@ -127,10 +127,15 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
     report = compare(reports, p.report or f"{root}/bench/compare", storage)  # 5. side by side
     if p.retrain:
         mark_latest(base.run.output, root.rsplit("/", 1)[1], storage)
-    logger.info(f"comparison report: {report}")
+    logger.info(f"comparison report: {report}; the videos side by side: {page_of(report)}")
     for r in reports:
-        logger.info(f"benchmark report: {r}/report.md")
+        logger.info(f"benchmark report: {r}/report.md ({r}/report.html)")
     return report
+
+
+def page_of(report: str) -> str:
+    """compare.html beside compare.md."""
+    return report.rsplit("/", 1)[0] + "/compare.html"
 
 
 def retrain_overrides(base) -> list[str]:
@@ -151,7 +156,7 @@ def main() -> None:
     parser.add_argument("spec", nargs="?", default="configs/demo/pipeline.yaml")
     args = parser.parse_args()
     report = pipeline(args.spec)
-    print(f"\nPipeline finished. Comparison report: {report}")
+    print(f"\nPipeline finished. Comparison report: {report}\nOpen in a browser: {page_of(report)}")
 
 
 if __name__ == "__main__":

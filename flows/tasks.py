@@ -31,7 +31,8 @@ from distill.errors import InputError
 from distill.run_layout import checkpoint_name, checkpoint_uris, latest_checkpoint, open_checkpoint
 from distill.storage import StorageError, open_store
 from distill.training.run_folder import refuse_leftovers
-from flows.artifacts import publish_comparison, publish_report, publish_validations
+from flows.artifacts import artifact_key, publish_comparison, publish_report, publish_validations
+from flows.progress import follow_progress, launcher_noise, progress_reporter
 
 
 def retry_on_io(task, task_run, state) -> bool:
@@ -102,13 +103,14 @@ def shards_missing(config: str, overrides: list[str]) -> bool:
     return not open_store(cfg.data.shards, cfg.storage).exists("MANIFEST.json")
 
 
-@task(name="preprocess", cache_key_fn=_data_fingerprint, persist_result=True)
+@task(name="preprocess", cache_key_fn=_data_fingerprint, persist_result=True, log_prints=True)
 def preprocess(config: str, overrides: list[str]) -> str:
     from distill.data.preprocess import preprocess as run_preprocess
 
     cfg = load_config(config, overrides)
+    report = progress_reporter(artifact_key(cfg.run.name, "preprocess-progress"), f"preprocessing {cfg.data.shards}")
     with gpu_slot():
-        manifest = run_preprocess(cfg, progress=False)
+        manifest = run_preprocess(cfg, progress=False, on_progress=report)
     get_run_logger().info(f"shards ready: {manifest}")
     return manifest
 
@@ -164,6 +166,7 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
     cmd = launcher_command(config, launched, num_gpus, resume, overwrite)
     logger.info("launching: " + " ".join(cmd))
     published: set[str] = set()
+    report = progress_reporter(artifact_key(cfg.run.name, "train-progress"), f"training {cfg.run.output}")
     # The launcher sets each rank's RANK / MASTER_* itself; none leak in from this process.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
@@ -175,7 +178,8 @@ def train(config: str, overrides: list[str], num_gpus: int = 0, resume: bool | N
         next_check = 0.0
         while (line := _next_line(lines)) is not None:  # a validation is published within seconds, log or not
             if line and "\r" not in line:
-                logger.info(line)
+                follow_progress(line, "train", report)
+                (logger.debug if launcher_noise(line) else logger.info)(line)
             if time.monotonic() >= next_check:
                 publish_validations(cfg, store, published)
                 next_check = time.monotonic() + VALIDATION_POLL_SECONDS
@@ -227,7 +231,7 @@ def check_checkpoints(checkpoints: list[str], storage: dict | None = None) -> li
         raise
 
 
-@task(name="bench-checkpoint")
+@task(name="bench-checkpoint", log_prints=True)
 def bench(checkpoint: str, prompts: int, seeds: int, teacher_steps: int, training_iterations: int,
           storage: dict | None = None) -> str:
     """Benchmark one checkpoint (compute-heavy: no retries); publish its report.md as an artifact."""
@@ -235,13 +239,17 @@ def bench(checkpoint: str, prompts: int, seeds: int, teacher_steps: int, trainin
     from distill.bench.run import bench_checkpoint
 
     spec = BenchSpec(prompts=prompts, seeds=seeds, teacher_steps=teacher_steps)
-    with gpu_slot():
-        report = bench_checkpoint(checkpoint, spec, storage=StorageConfig(**(storage or {})),
-                                  training_iterations=training_iterations)
     cfg = StorageConfig(**(storage or {}))
+    ckpt = open_checkpoint(checkpoint, cfg)
+    progress = progress_reporter(artifact_key(ckpt.config.run.name, "bench-progress", ckpt.name),
+                                 f"benchmark of {ckpt.uri}")
+    with gpu_slot():
+        report = bench_checkpoint(checkpoint, spec, storage=cfg, training_iterations=training_iterations,
+                                  progress_bar=False, on_progress=progress)
     store = open_store(report.rsplit("/", 1)[0], cfg)
     meta = json.loads(store.get_text("meta.json"))
-    publish_report(meta["run"], meta["name"], store.get_text("report.md"), checkpoint)
+    publish_report(meta["run"], meta["name"], store.get_text("report.md"), checkpoint, store.get_bytes,
+                   store.key_uri("report.html"))
     return report.rsplit("/", 1)[0]
 
 
@@ -250,21 +258,25 @@ def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
     """Side by side, with deltas and regressions; reports may live in any store."""
     import tempfile
 
-    from distill.bench.report import compare as compare_reports
+    from distill.bench.compare import compare as compare_reports
 
     cfg = StorageConfig(**(storage or {}))
     local, runs = [], []
-    for report in reports:
+    for report in reports:  # what the comparison reads: the table, the meta (with the previews' index), the previews
         store = open_store(report, cfg)
-        path = Path(tempfile.mkdtemp(prefix="distill-report-")) / "report.parquet"
-        local.append(store.get_file("report.parquet", path).parent)
-        runs.append(json.loads(store.get_text("meta.json")).get("run") if store.exists("meta.json") else None)
+        folder = Path(tempfile.mkdtemp(prefix="distill-report-"))
+        local.append(store.get_file("report.parquet", folder / "report.parquet").parent)
+        if store.exists("meta.json"):
+            store.get_file("meta.json", folder / "meta.json")
+            if store.list("web/"):  # reports made before report.html have none
+                store.download_folder("web/", folder / "web")
+        runs.append(json.loads((folder / "meta.json").read_text()).get("run") if store.exists("meta.json") else None)
     out_store = open_store(out, cfg)
     work = Path(out_store.root) if out_store.is_local else Path(tempfile.mkdtemp(prefix="distill-compare-"))
     _, markdown = compare_reports(local, work)
     if not out_store.is_local:
         out_store.upload_folder(work, "", last="compare.md")
-    publish_comparison(runs[0] or "reports", markdown, out_store.key_uri("compare.md"))
+    publish_comparison(runs[0] or "reports", markdown, out_store.key_uri("compare.html"))
     return out_store.key_uri("compare.md")
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from distill.bench import quality
-from distill.bench.report import compare
+from distill.bench.compare import compare
 from distill.cli import main as cli_main
 from distill.data.shapes import ShapesWorldConfig, caption, render, sample_spec, write_dataset
 from distill.training.trainer import Trainer
@@ -116,12 +118,20 @@ def checkpoints(tmp_path_factory):
     return tmp / "run"
 
 
-def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def benched(checkpoints):
+    """`distill bench` of both checkpoints: the first without the teacher's rows, the second with them and the
+    training throughput."""
     args = ["--prompts", "3", "--seeds", "2", "--teacher-steps", "6", "--real-videos", "12"]
     assert cli_main(["bench", str(checkpoints / "checkpoints" / "step-000002"), *args, "--no-teacher"]) == 0
+    assert cli_main(["bench", str(checkpoints / "checkpoints" / "step-000004"), *args, "--training-iterations", "3"]) == 0
+    return checkpoints
+
+
+def test_bench_and_compare_checkpoints(benched, tmp_path, capsys):
+    checkpoints = benched
     first = pd.read_parquet(checkpoints / "bench" / "step-000002" / "report.parquet")
     assert list(first.model) == ["student", "data"]  # the teacher's rows are left to a sibling report
-    assert cli_main(["bench", str(checkpoints / "checkpoints" / "step-000004"), *args, "--training-iterations", "3"]) == 0
     report = checkpoints / "bench" / "step-000004"
     table = pd.read_parquet(report / "report.parquet")
     assert list(zip(table.model, table.sampler, table.steps)) == [("student", "sde", 4), ("teacher", "ode", 6),
@@ -144,6 +154,17 @@ def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
     training = json.loads((report / "training.json").read_text())
     assert training["iterations"] == 3 and 0 < training["mfu"] < 1 and training["forward_flops"] > 0
     assert (report / "videos" / "student-sde-4" / "contact.png").exists()
+    # Previews a browser plays (H.264 4:2:0, scaled up to 128 px), indexed in meta.json, shown in report.html.
+    previews = json.loads((report / "meta.json").read_text())["previews"]
+    assert len(previews["rows"]) == 6 and [c["label"] for c in previews["columns"]] == [
+        "student-sde-4", "teacher-ode-6", "teacher-ode-4", "data"]
+    files = [v for c in previews["columns"] for v in c["videos"] if v]
+    assert len(files) == 4 * 6  # 24 captions of 4 kinds: every prompt has 2 held-out videos
+    meta = next(imageio_ffmpeg.read_frames(str(report / files[0])))
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["size"] == (128, 128)
+    page = (report / "report.html").read_text()
+    assert page.count("<video ") == 24 and all(f'src="{f}"' in page for f in files)
+    assert "http" not in page.replace('name="viewport"', "")  # self-contained: no network
     capsys.readouterr()
 
     out = tmp_path / "compare"
@@ -153,6 +174,47 @@ def test_bench_and_compare_checkpoints(checkpoints, tmp_path, capsys):
     frame = pd.read_parquet(out / "compare.parquet")
     assert {"step-000002", "step-000004", "delta step-000004"} <= set(frame.columns)
     assert set(frame.metric) >= {"latency_s", "adherence_all", "fd_oracle"}
+    # compare.html: one grid (student per checkpoint, the teacher's rows and the data once), its files copied in.
+    page = (out / "compare.html").read_text()
+    sources = re.findall(r'<video src="([^"]+)"', page)
+    assert len(sources) == 6 * 5 and all((out / src).is_file() for src in sources)
+    assert "student sde-4 @ step-000002" in page and "student sde-4 @ step-000004" in page
+    assert page.count("teacher ode-6 CFG") == 1 and (out / "compare.png").stat().st_size > 1000
+    side_by_side = printed.split("## Side by side")[1].split("## ")[0]
+    assert side_by_side.count("| step-000004 | teacher |") == 2 and "| step-000002 | teacher |" not in side_by_side
+
+
+@pytest.mark.browser
+def test_the_pages_in_a_browser(benched, tmp_path):
+    """compare.html and report.html in headless Chromium: every video plays, every image decodes, the side-by-side
+    table has a row per model of the grid; at a phone's width nothing but the tables and the grid scrolls sideways."""
+    from browser import PHONE, assert_all_loaded, browser, screenshot, wait_until_loaded
+
+    out = tmp_path / "compare"
+    compare([benched / "bench" / "step-000002", benched / "bench" / "step-000004"], out)
+    with browser() as engine:
+        page = engine.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((out / "compare.html").as_uri())
+        state = wait_until_loaded(page)
+        screenshot(page, "compare.png")
+        assert len(state["videos"]) == 6 * 5 and len(state["images"]) == 1  # 6 (prompt, seed) rows, 5 models
+        assert_all_loaded(state)
+        models = page.locator("#videos thead th").count() - 2  # prompt, seed, then a column per model
+        assert page.locator("#side-by-side tbody tr").count() == models == 5
+        page.wait_for_function("() => Array.from(document.querySelectorAll('video')).some(v => v.currentTime > 0)")
+
+        phone = engine.new_page(viewport=PHONE)
+        phone.goto((out / "compare.html").as_uri())
+        state = wait_until_loaded(phone)
+        screenshot(phone, "compare-phone.png")
+        assert_all_loaded(state)
+        assert state["overflow"] <= 0  # the page itself fits; the wide parts scroll inside their boxes
+
+        page.goto((benched / "bench" / "step-000004" / "report.html").as_uri())
+        state = wait_until_loaded(page)
+        screenshot(page, "report.png")
+        assert len(state["videos"]) == 6 * 4 and len(state["images"]) == 3
+        assert_all_loaded(state)
 
 
 def test_compare_flags_regressions(tmp_path):
@@ -183,7 +245,7 @@ def test_compare_flags_neither_timing_noise_nor_unchanged_weights(tmp_path):
         pd.DataFrame([{"checkpoint": name, "sampler": "ode", "steps": 4, **r} for r in table]).to_parquet(
             tmp_path / name / "report.parquet")
     _, md = compare([tmp_path / n for n in rows])
-    regressions = md.split("## Regressions")[1]
+    regressions = md.split("## Regressions")[1].split("## ")[0]
     assert "teacher" not in regressions and "in b" not in regressions  # 0.3 s slower, within 0.1 + 0.3 of spread
     assert "latency_s of student ode 4-step: 1 -> 1.6 in c" in regressions
 

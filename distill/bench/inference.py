@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from distill import registry
+from distill.bench.previews import data_column_videos, grid_rows, write_previews
 from distill.bench.quality import load_metric, real_feature_set, score_videos
 from distill.config import Config, StorageConfig, to_dict
 from distill.device import resolve_device
 from distill.errors import InputError
+from distill.progress import Progress
 from distill.run_layout import CheckpointError, open_checkpoint, resolve_latest
 from distill.storage import open_store
 from distill.validation import SamplingSpec, ValidationRequest
@@ -128,8 +130,9 @@ def _draw(per_item: list[str], load, n_prompts: int, n_real: int, per_prompt: in
                      [per_item[i] for i in held_out])
 
 
-def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig | None = None) -> tuple[list[dict], dict]:
-    """Rows of the inference/quality table, and the report's metadata."""
+def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig | None = None,
+              progress: Progress | None = None) -> tuple[list[dict], dict]:
+    """Rows of the inference/quality table, and the report's metadata; `progress` counts the rows."""
     ckpt = open_checkpoint(uri, storage)
     cfg = ckpt.config
     # The run's data first: a data folder that is gone fails before any model is built.
@@ -159,7 +162,10 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
     seeds = [spec.seed + i for i in range(spec.seeds)]
     validator = plugin.validator()
 
-    rows = []
+    if progress is not None:
+        progress.expect(len(runs) + bool(data.data_videos))
+    rows, columns = [], []
+    grid = grid_rows(captions, seeds)
     for handle, how in runs:
         request = dict(sample_handle=handle, num_frames=d.num_frames, height=d.height, width=d.width,
                        negative_prompt=d.negative_prompt, sampling=how)
@@ -183,19 +189,33 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
             "denoise_spread_s": spread(result.denoising_seconds_per_video), "videos": len(result.frames), **quality,
             "contact_sheet": f"videos/{label}/contact.png",
         })
+        columns.append(_column(rows[-1], label, write_previews(out_dir, label, result.frames)))
+        if progress is not None:
+            progress.update(1, note=f"{label}: {len(result.frames)} videos, {latency:.3g} s each")
     if data.data_videos:
         prompt_ids = [data.data_captions.index(c) for c in data.data_captions]  # first index: an id per caption
         quality = score_videos(data.data_videos, data.data_captions, prompt_ids, real_features=real_features,
                                real_videos=real_videos, metrics=metrics)
         rows.append({"checkpoint": ckpt.name, "step": ckpt.step, "model": "data", "sampler": "-", "steps": 0,
                      "weights_id": _digest(["data", to_dict(cfg.data)]), "videos": len(data.data_videos), **quality})
+        held_out = data_column_videos(grid, seeds, data.data_captions, data.data_videos)
+        columns.append(_column(rows[-1], "data", write_previews(out_dir, "data", held_out)))
+        if progress is not None:
+            progress.update(1, note=f"data: {len(data.data_videos)} real videos scored")
     meta = {
         "checkpoint": uri, "run": cfg.run.name, "name": ckpt.name, "step": ckpt.step, "method": cfg.method,
         "headline_losses": ckpt.method["headline_losses"], "weights": ckpt.method["weights"], "card": card(device),
         "versions": versions(), "prompts": captions, "seeds": seeds, "real_videos": len(real_videos),
         "size": {"num_frames": d.num_frames, "height": d.height, "width": d.width},
+        "previews": {"rows": grid, "columns": columns},
     }
     return rows, meta
+
+
+def _column(row: dict, label: str, videos: list[str | None]) -> dict:
+    """A column of the video grid (see distill/bench/previews.py): the row's identity and its preview files."""
+    keys = ("model", "sampler", "steps", "guidance", "checkpoint", "weights_id")
+    return {"label": label, **{k: row.get(k) for k in keys}, "videos": videos}
 
 
 def spread(seconds: list[float]) -> float:

@@ -15,14 +15,17 @@ from distill.bench.report import is_report, write_report
 from distill.config import StorageConfig
 from distill.errors import InputError
 from distill.outputs import check_output_folder, staged_folder
+from distill.progress import Progress, ProgressCallback
 from distill.run_layout import open_checkpoint, resolve_latest, split_checkpoint_uri
 from distill.storage import open_store
 from distill.training.metrics import parse_metrics
 
 
 def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None,
-                     storage: StorageConfig | None = None, training_iterations: int = 0) -> str:
-    """Benchmark one checkpoint; returns where report.md is.
+                     storage: StorageConfig | None = None, training_iterations: int = 0,
+                     progress_bar: bool = True, on_progress: ProgressCallback | None = None) -> str:
+    """Benchmark one checkpoint; returns where report.md is. Progress counts rows (a bar on a terminal, else a
+    line per row); `on_progress(rows done, rows)` hears each.
 
     The checkpoint and the report folder are checked before any model is built. The report is made
     aside and then replaces an earlier report there whole (a folder holding anything else is refused)."""
@@ -38,8 +41,13 @@ def bench_checkpoint(checkpoint: str, spec: BenchSpec, *, out: str | None = None
     store = open_store(target, storage)
 
     def bench_into(local: Path) -> Path:
-        rows, meta = run_bench(checkpoint, spec, local, storage)
-        training = measure_training(checkpoint, training_iterations, storage) if training_iterations else None
+        progress = Progress("bench", int(training_iterations > 0), unit="row", bar=progress_bar, on_update=on_progress)
+        rows, meta = run_bench(checkpoint, spec, local, storage, progress)
+        training = None
+        if training_iterations:
+            training = measure_training(checkpoint, training_iterations, storage)
+            progress.update(1, note=f"training throughput: {training_iterations} iterations")
+        progress.close()
         return write_report(local, rows, meta, training, run_history(root, storage))
 
     if store.is_local:

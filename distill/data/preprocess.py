@@ -28,6 +28,7 @@ from distill import registry
 from distill.config import Config, ConfigError
 from distill.data.shards import FORMAT_VERSION, MANIFEST, NEGATIVE, file_record, read_record, write_shard
 from distill.errors import InputError
+from distill.progress import Progress, ProgressCallback
 from distill.storage import open_store
 from distill.video import read_video
 
@@ -148,10 +149,10 @@ def chunk_fingerprint(plan: dict, chunk: list[Item]) -> str:
     return hashlib.sha256(json.dumps([plan, [(i.video, i.caption) for i in chunk]]).encode()).hexdigest()
 
 
-def preprocess(cfg: Config, *, progress: bool = True) -> str:
-    """Write (or finish) the shard folder `data.shards` (local or s3://); returns its manifest's URI."""
-    from tqdm import tqdm
+def preprocess(cfg: Config, *, progress: bool = True, on_progress: ProgressCallback | None = None) -> str:
+    """Write (or finish) the shard folder `data.shards` (local or s3://); returns its manifest's URI.
 
+    `progress`: a bar on a terminal, else a line per shard; `on_progress(samples done, total)` hears each shard."""
     from distill.device import resolve_device
 
     d = cfg.data
@@ -184,7 +185,7 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
     try:
         # 3. Shards: skip those already written from the same items, encode the rest.
         records = []
-        bar = tqdm(total=len(items), desc="preprocess", unit="sample", disable=not progress)
+        bar = Progress("preprocess", len(items), unit="sample", bar=progress, on_update=on_progress)
         for index, (chunk, fingerprint) in enumerate(zip(chunks, fingerprints)):
             record = read_record(store, index)
             if record is None or record.get("chunk") != fingerprint:
@@ -192,7 +193,7 @@ def preprocess(cfg: Config, *, progress: bool = True) -> str:
                          "videos": [i.video for i in chunk]}
                 record = write_shard(store, staging, index, encode_chunk(cfg, plugin, chunk), extra)
             records.append(record)
-            bar.update(len(chunk))
+            bar.update(len(chunk), note=f"shard {index + 1}/{len(chunks)}")
         bar.close()
 
         # 4. Negative prompt, then the manifest last.

@@ -39,6 +39,36 @@ class MetricsLog:
             if _finite(value):
                 self._tb.add_scalar(key, value, step)
 
+    def log_validation(self, step: int, videos: list, contact_sheet: str | None, fps: int = 8) -> None:
+        """A validation beside the scalars at `step`: its contact sheet as an image, and its videos (F, H, W, 3)
+        uint8, one under the other, as an animated GIF that TensorBoard's images tab plays."""
+        if not self.enabled:
+            return
+        import numpy as np
+        from PIL import Image
+
+        if contact_sheet is not None:
+            self._tb.add_image("validation/contact_sheet", np.asarray(Image.open(contact_sheet).convert("RGB")), step,
+                               dataformats="HWC")
+        if videos:
+            self._add_gif("validation/videos", animated_column(videos), step, fps)
+
+    def _add_gif(self, tag: str, frames, step: int, fps: int) -> None:
+        """What SummaryWriter.add_video writes (a GIF in an image summary), without its moviepy 1.x dependency
+        (moviepy.editor, which add_video imports, is gone from moviepy 2)."""
+        import io
+
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        images = [Image.fromarray(f) for f in frames]
+        buffer = io.BytesIO()
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                       loop=0)
+        height, width = frames[0].shape[:2]
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+        self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
     def flush(self) -> None:
         if self.enabled:
             self._file.flush()
@@ -52,6 +82,22 @@ class MetricsLog:
 
 def _finite(value) -> bool:
     return value is not None and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def animated_column(videos: list, min_height: int = 128) -> list:
+    """Videos (F, H, W, 3) uint8, one under the other, frame by frame (shorter ones hold their last frame),
+    scaled up by a whole factor (nearest) so that each is at least `min_height` pixels tall."""
+    import numpy as np
+
+    length = max(len(v) for v in videos)
+    width = max(v.shape[2] for v in videos)
+    scale = max(1, -(-min_height // max(v.shape[1] for v in videos)))
+    frames = []
+    for t in range(length):
+        rows = [np.pad(v[min(t, len(v) - 1)], ((0, 0), (0, width - v.shape[2]), (0, 0))) for v in videos]
+        frame = np.concatenate(rows, axis=0)
+        frames.append(frame.repeat(scale, axis=0).repeat(scale, axis=1))
+    return frames
 
 
 def parse_metrics(text: str) -> list[dict]:

@@ -31,6 +31,7 @@ from distill.device import resolve_device
 from distill.errors import NonFiniteError
 from distill.finite import described, nonfinite_names
 from distill.preflight import check_inputs, check_overwrite
+from distill.progress import Progress
 from distill.run_layout import CheckpointError, resolve_export, step_of
 from distill.storage import open_store
 from distill.training.checkpoint import CheckpointContents, CheckpointManager, RNGState
@@ -266,17 +267,18 @@ class Trainer:
         if result is None:
             return {}
         if self.dist.is_main:
+            self.metrics.log_validation(self.iteration, result.frames, result.contact_sheet, self.cfg.validation.fps)
             self.folder.sync(rel)
         return {"validation_seconds_per_video": sum(result.seconds_per_video) / len(result.seconds_per_video)}
 
     def train(self) -> list[dict[str, float]]:
         """Run to training.max_steps; returns the logged metrics (means over each log window)."""
-        from tqdm import tqdm
-
         tr = self.cfg.training
         history = []
         window: dict[str, list[float]] = {}  # values since the last log line, averaged when written
-        bar = tqdm(total=tr.max_steps, initial=self.iteration, disable=not (self.dist.is_main and tr.progress_bar))
+        # A bar on a terminal; otherwise (a log file, the flows) a line every log_every iterations.
+        progress = Progress("train", tr.max_steps, initial=self.iteration, every=tr.log_every,
+                            bar=tr.progress_bar, enabled=self.dist.is_main)
         try:
             while self.iteration < tr.max_steps:
                 start = time.perf_counter()
@@ -286,21 +288,21 @@ class Trainer:
                     values.update(self.validate())
                 for key, value in values.items():
                     window.setdefault(key, []).append(value)
+                shown = values
                 if self.iteration % tr.log_every == 0 or self.iteration == tr.max_steps:
-                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    shown = means = {k: sum(v) / len(v) for k, v in window.items()}
                     self.metrics.log(self.iteration, means)
                     history.append({"step": self.iteration, **means})
                     window.clear()
                 if self.checkpoint_due():
                     self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix({k: f"{values[k]:.4g}" for k in self.method.headline_losses if k in values})
+                progress.update(1, {k: shown[k] for k in self.method.headline_losses if k in shown})
         except NonFiniteError as err:  # weights of this iteration's step (and later) are not to be trusted
             raise NonFiniteError(f"{err}; {self.checkpoints.withdraw_from(self.iteration)}") from None
         except ShardError as err:
             raise ShardError(f"{err}; {self.keep_work()}") from None
         finally:
-            bar.close()
+            progress.close()
             self.metrics.close()
             self.folder.close()
         return history
