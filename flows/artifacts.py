@@ -91,10 +91,10 @@ def publish_report(run: str, checkpoint: str, markdown: str, uri: str, read_byte
                              markdown=markdown, description=f"benchmark of {uri}")
 
 
-def publish_comparison(run: str, markdown: str, page: str) -> None:
-    """The regressions and the side-by-side table of compare.md (its long table of deltas stays in the file),
-    and where compare.html is."""
-    summary = markdown.split("## Deltas against the first report")[0].rstrip()
+def publish_comparison(run: str, markdown: str, page: str, read_bytes) -> None:
+    """The regressions, the side-by-side table and the plot of compare.md (its long table of deltas stays in the
+    file), and where compare.html is."""
+    summary = inline_images(markdown.split("## Deltas against the first report")[0].rstrip(), read_bytes)
     link = f"[compare.html]({page})" if page.startswith(("http://", "https://")) else f"`{page}`"
     create_markdown_artifact(key=artifact_key(run, "comparison"),
                              markdown=f"{summary}\n\nThe videos side by side, the plots: {link}\n",

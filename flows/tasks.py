@@ -276,7 +276,8 @@ def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
     _, markdown = compare_reports(local, work)
     if not out_store.is_local:
         out_store.upload_folder(work, "", last="compare.md")
-    publish_comparison(runs[0] or "reports", markdown, out_store.key_uri("compare.html"))
+    publish_comparison(runs[0] or "reports", markdown, out_store.key_uri("compare.html"),
+                       lambda name: (work / name).read_bytes())
     return out_store.key_uri("compare.md")
 
 

@@ -37,7 +37,7 @@ class PrefectServer:
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-                   PREFECT_API_URL="", **SERVER_POLLING)
+                   PREFECT_API_URL="", PREFECT_UI_API_URL=self.api_url, **SERVER_POLLING)  # the UI's API here
         self.log = home / "server.log"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(

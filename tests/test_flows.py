@@ -58,20 +58,57 @@ def tiny_pipeline(tmp: Path) -> str:
     return write(tmp / "pipeline.yaml", spec)
 
 
-def test_pipeline_runs_end_to_end_then_reuses_its_work(tmp_path):
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory) -> tuple[Path, str, str]:
+    """The tiny pipeline, run once for the module: its folder, its spec and the comparison it returned."""
     from flows.pipeline import pipeline
 
-    spec = tiny_pipeline(tmp_path)
-    report = pipeline(spec)
+    tmp = tmp_path_factory.mktemp("pipeline")
+    spec = tiny_pipeline(tmp)
+    return tmp, spec, pipeline(spec)
+
+
+def logs_of(flow_run_id) -> list:
+    async def read():
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+def test_pipeline_runs_end_to_end_then_reuses_its_work(pipeline_run):
+    from flows.pipeline import pipeline
+
+    tmp_path, spec, report = pipeline_run
     assert report == str(tmp_path / "student" / "bench" / "compare" / "compare.md")
     assert "# Comparison" in Path(report).read_text()
+    assert (tmp_path / "student" / "bench" / "compare" / "compare.html").is_file()
     for step in ("step-000002", "step-000004"):
         assert (tmp_path / "student" / "bench" / step / "report.parquet").exists()
+        assert (tmp_path / "student" / "bench" / step / "report.html").exists()
     # Artifacts: the validation sheet and metrics of the run, a report per checkpoint, the comparison.
     markdown = artifacts("flow-student-validation")[0].data
     assert "contact.png" in markdown and "Sampler sde" in markdown
-    assert artifacts("flow-student-metrics") and artifacts("flow-student-bench-step-000004")
-    assert artifacts("flow-student-comparison")
+    assert artifacts("flow-student-metrics")
+    bench = artifacts("flow-student-bench-step-000004")[0].data  # the plots inline: the UI shows them anywhere
+    assert bench.count("](data:image/png;base64,") == 3 and "](quality_vs_steps.png)" not in bench
+    assert "report.html" in bench
+    comparison = artifacts("flow-student-comparison")[0].data  # the wide table, regressions first, the page
+    assert comparison.index("## Regressions") < comparison.index("## Side by side") and "## Deltas" not in comparison
+    assert comparison.count("](data:image/png;base64,") == 1  # compare.png, the metrics per checkpoint
+    assert str(tmp_path / "student" / "bench" / "compare" / "compare.html") in comparison
+    # Progress bars in the UI: each job's progress artifact reached 100 %.
+    for key in ("flow-student-preprocess-progress", "flow-student-train-progress",
+                "flow-student-bench-progress-step-000002", "flow-student-bench-progress-step-000004"):
+        found = artifacts(key)
+        assert found and found[0].type == "progress" and found[0].data == 100.0, key
+    # The flow log has the trainer's progress lines; the launcher's start-up noise is logged at DEBUG only.
+    run_id = artifacts("flow-student-train-progress")[0].flow_run_id
+    logs = [(log.level, log.message) for log in logs_of(run_id)]
+    assert any(message.startswith("train 4/4 (100%)") for _, message in logs)
+    assert not [m for _, m in logs if "[launch.py:" in m or "Setting accelerator to CPU" in m]
 
     # Same data, same configs: preprocessing is served from cache, the finished run is not trained again.
     shard_mtime = (tmp_path / "shards" / "MANIFEST.json").stat().st_mtime_ns
@@ -80,6 +117,32 @@ def test_pipeline_runs_end_to_end_then_reuses_its_work(tmp_path):
     assert (tmp_path / "shards" / "MANIFEST.json").stat().st_mtime_ns == shard_mtime
     checkpoints = sorted(p.name for p in (tmp_path / "student" / "checkpoints").iterdir() if p.name.startswith("step"))
     assert checkpoints == ["step-000002", "step-000004"]
+
+
+@pytest.mark.browser
+def test_the_prefect_ui_shows_the_report_plots(pipeline_run, flows_prefect_server):
+    """The server's own UI, in headless Chromium: the bench artifact's three plots and the comparison load."""
+    from browser import assert_all_loaded, browser, screenshot, wait_until_loaded
+
+    bench = artifacts("flow-student-bench-step-000004")[0]
+    comparison = artifacts("flow-student-comparison")[0]
+    ui = flows_prefect_server.api_url.removesuffix("/api")
+    with browser() as engine:
+        page = engine.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/artifacts/artifact/{bench.id}")
+        page.get_by_text("Benchmark: step-000004").first.wait_for(timeout=60_000)
+        page.wait_for_function("() => Array.from(document.images).filter(i => i.src.startsWith('data:')).length >= 3")
+        state = wait_until_loaded(page)
+        screenshot(page, "prefect-bench-artifact.png")
+        assert len([i for i in state["images"] if i["src"].startswith("data:image/png")]) == 3
+        assert_all_loaded(state)
+        page.goto(f"{ui}/artifacts/artifact/{comparison.id}")
+        page.get_by_text("Side by side").first.wait_for(timeout=60_000)
+        page.wait_for_function("() => Array.from(document.images).some(i => i.src.startsWith('data:'))")
+        state = wait_until_loaded(page)
+        screenshot(page, "prefect-comparison-artifact.png")
+        assert page.locator("table").count() >= 1 and state["images"]
+        assert_all_loaded(state)
 
 
 def test_a_bad_config_fails_in_the_first_task_before_any_work(tmp_path):

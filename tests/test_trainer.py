@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -144,14 +145,29 @@ def test_cli_train_writes_metrics_config_and_validation_videos(run_dir, tmp_path
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert cli_main(["train", str(path), "--set", "method_config.generator_update_interval=2"]) == 0
-    assert "trained 10 iterations" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained 10 iterations" in printed
+    # No terminal here: a progress line every log_every iterations, with the headline losses, speed and time left.
+    lines = [line for line in printed.splitlines() if line.startswith("train ")]
+    assert len(lines) == 2
+    assert re.fullmatch(r"train 5/10 \(50%\) \| critic_loss [\d.e-]+ generator_loss [\d.e-]+ \| [\d.e-]+ s/it \| ETA \d+s",
+                        lines[0]), lines[0]
+    assert lines[1].startswith("train 10/10 (100%) | ") and " | done in " in lines[1]
 
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [5, 10]
     for key in ("generator_loss", "critic_loss", "student_grad_norm", "critic_grad_norm", "student_lr", "critic_lr",
                 "updated_student"):
         assert key in rows[0], key
-    assert list((run_dir / "tb").iterdir())
+    # TensorBoard: each validation's contact sheet and its videos (an animated GIF) beside the scalars, at its step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    assert "critic_loss" in events.Tags()["scalars"]
+    sheets, gifs = events.Images("validation/contact_sheet"), events.Images("validation/videos")
+    assert [e.step for e in sheets] == [e.step for e in gifs] == [5, 10]
+    assert gifs[0].encoded_image_string[:4] == b"GIF8" and gifs[0].height == 2 * 128  # two videos, 16 px scaled by 8
+    assert sheets[0].encoded_image_string[:4] == b"\x89PNG"
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["method_config"]["generator_update_interval"] == 2
     for step in ("step-000005", "step-000010"):

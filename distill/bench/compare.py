@@ -9,6 +9,7 @@ report in one grid (copied in, so the folder stands alone).
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from dataclasses import dataclass
@@ -58,24 +59,29 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
     metrics = [c for c in tables[0].columns if c in QUALITY or c in LOWER_IS_BETTER or c.startswith(("fd_", "clip"))]
     frame, flags = _deltas(tables, labels, metrics, tolerance, latency_tolerance)
     wide, regressed = wide_table(tables, labels, metrics, flags)
-    md = "\n".join(["# Comparison", "", "## Regressions", "",
-                    "".join(f"- {f}\n" for f in flags) if flags else "None beyond the tolerance.\n",
-                    "## Side by side (regressed rows first)", "", md_table(wide),
-                    "## Deltas against the first report", "", md_table(frame)])
+
+    def markdown(plots: list[str]) -> str:
+        return "\n".join(["# Comparison", "", "## Regressions", "",
+                          "".join(f"- {f}\n" for f in flags) if flags else "None beyond the tolerance.\n",
+                          "## Side by side (regressed rows first)", "", md_table(wide),
+                          *[f"![{p}]({p})\n" for p in plots],
+                          "## Deltas against the first report", "", md_table(frame)])
+
     if out_dir is not None:
         with staged_folder(out_dir) as staging:
             frame.to_parquet(staging / "compare.parquet", index=False)
             frame.to_csv(staging / "compare.csv", index=False)
-            (staging / "compare.md").write_text(md)
             (staging / "regressions.json").write_text(json.dumps([str(f) for f in flags], indent=2))
             plots = _plot(staging, tables, labels)
+            (staging / "compare.md").write_text(md := markdown(plots))
             body = ["<h2>Regressions</h2>",
-                    "<ul>" + "".join(f"<li>{f}</li>" for f in flags) + "</ul>" if flags
+                    "<ul>" + "".join(f"<li>{html.escape(str(f))}</li>" for f in flags) + "</ul>" if flags
                     else "<p>None beyond the tolerance.</p>",
                     "<h2>Side by side</h2>", table_html(wide, regressed, "side-by-side"), *plots_html(plots),
                     "<h2>Videos</h2>", _videos(staging, reports, labels)]
             write_page(staging, "compare.html", "Comparison: " + ", ".join(labels), body)
-    return frame, md
+        return frame, md
+    return frame, markdown([])
 
 
 def _deltas(tables, labels, metrics, tolerance, latency_tolerance) -> tuple[pd.DataFrame, list[Regression]]:
