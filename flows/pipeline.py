@@ -11,6 +11,7 @@ same data and configs redoes nothing and only re-reports.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,6 +91,9 @@ class PipelineConfig:
     """Ranks per training run (0 = one, on the CPU or one GPU)."""
     report: str | None = None
     """Where the comparison goes; unset = <student output>/bench/compare."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """Files the run depends on (a committed teacher's weights) and their SHA-256: one missing or changed stops
+    the pipeline before any work."""
     retrain: bool = False
     """Scheduled retraining: each run writes the student to <student output>/<run time> and starts from
     the last successful one (named by <student output>/LATEST), on the current data."""
@@ -106,7 +110,8 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
     load_storage_credentials()
     p = load_pipeline(spec)
     stages = [s for s in (p.teacher, p.student) if s is not None]
-    for stage in stages:  # 1. every config, before any work
+    verify_checksums(p.checksums)  # 1. the files and every config, before any work
+    for stage in stages:
         check_config(stage.config, stage.overrides)
     if p.shapes is not None:  # 2. data
         s = p.shapes
@@ -136,6 +141,17 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
 def page_of(report: str) -> str:
     """compare.html beside compare.md."""
     return report.rsplit("/", 1)[0] + "/compare.html"
+
+
+def verify_checksums(checksums: dict[str, str]) -> None:
+    for path, expected in checksums.items():
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"checksums: {path} is missing (the pipeline depends on it)")
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        if digest != expected.lower():
+            raise ConfigError(f"checksums: {path} has SHA-256 {digest}, not {expected}: it changed since it was "
+                              f"recorded; restore it (git checkout) or record the new one")
 
 
 def retrain_overrides(base) -> list[str]:

@@ -145,6 +145,23 @@ def test_the_prefect_ui_shows_the_report_plots(pipeline_run, flows_prefect_serve
         assert_all_loaded(state)
 
 
+def test_a_changed_file_of_the_checksums_stops_the_pipeline_before_any_work(tmp_path):
+    import hashlib
+
+    from flows.pipeline import pipeline
+
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"the weights as recorded")
+    spec = yaml.safe_load(Path(tiny_pipeline(tmp_path)).read_text())
+    spec["checksums"] = {str(weights): hashlib.sha256(weights.read_bytes()).hexdigest()}
+    weights.write_bytes(b"the weights, changed")
+    state = pipeline(write(tmp_path / "pipeline.yaml", spec), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match=f"checksums: {weights} has SHA-256 [0-9a-f]{{64}}, not [0-9a-f]{{64}}"):
+        state.result()
+    assert not (tmp_path / "shapes").exists()  # no data made, nothing trained
+
+
 def test_a_bad_config_fails_in_the_first_task_before_any_work(tmp_path):
     from flows.train import train_flow
 
