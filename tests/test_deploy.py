@@ -210,8 +210,9 @@ def test_deployed_pipeline_completes_with_artifacts_in_s3(pipeline_run, s3_serve
     for key in ("shards/MANIFEST.json", "teacher/checkpoints/latest", "teacher/validation/step-000004/contact.png",
                 "student/checkpoints/step-000002/MANIFEST.json", "student/checkpoints/step-000004/MANIFEST.json",
                 "student/bench/step-000004/report.parquet", "student/bench/step-000004/report.md",
-                "student/bench/compare/compare.md", "student/metrics.jsonl"):
+                "student/bench/compare/compare.md", "student/bench/compare/compare.html", "student/metrics.jsonl"):
         assert key in keys, key
+    assert any(k.startswith("student/bench/compare/web/") and k.endswith(".mp4") for k in keys)  # the page's videos
     names = task_names(task_runs(env, run_id))
     assert names.count("train") == 2 and names.count("bench-checkpoint") == 2 and "compare-reports" in names
 
@@ -266,7 +267,8 @@ def test_bench_follows_latest_and_bad_input_fails_once_naming_its_cause(pipeline
 
     state = finished(env, bench_id)
     assert state["state_type"] == "COMPLETED", state["state"]["message"]
-    assert [a["key"] for a in artifacts(env, bench_id)] == ["deploy-student-bench-step-000004"]
+    assert sorted(a["key"] for a in artifacts(env, bench_id)) == ["deploy-student-bench-progress-step-000004",
+                                                                  "deploy-student-bench-step-000004"]
     for run_id, task, cause in ((missing, "check-checkpoints", "step-000003"),
                                 (no_report, "compare-reports", "bench/none/report.parquet: not found")):
         state = finished(env, run_id)

@@ -446,8 +446,8 @@ def test_compare_replaces_an_earlier_comparison_whole(tmp_path, capsys):
     (out / "compare.md").write_text("# the earlier comparison")
     (out / "stale.csv").write_text("x")
     assert run_cli(capsys, "compare", a, b, "--out", out)[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.md", "compare.parquet",
-                                                      "regressions.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.html", "compare.md", "compare.parquet",
+                                                      "compare.png", "regressions.json"]
     assert no_partial_folders(tmp_path)
 
 
