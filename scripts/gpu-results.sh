@@ -4,6 +4,7 @@
 #   scripts/gpu-results.sh shapes-teacher    the teacher (flow matching)
 #   scripts/gpu-results.sh shapes-students   the 4-step and the 1-step DMD2 students, trained side by side on one GPU
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
+#   scripts/gpu-results.sh demo-teacher      candidates for the demo's committed teacher (issue 16), side by side
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
@@ -104,6 +105,23 @@ case "$stage" in
     # in pieces under the 16 MiB a file may have to come back (cat ablation.tgz.* | tar xz)
     split -b 15M -d "$out/ablation.tgz" "$out/ablation.tgz." && rm "$out/ablation.tgz"
     touch "$out/DONE"
+    ;;
+  demo-teacher)  # issue 16: candidates for the demo's committed teacher, side by side; each benched at 50 steps, CFG 4
+    # (shards: runs/demo-pretrain/shards, made on the CPU as configs/demo/teacher-pretrain.yaml says).
+    # DEMO_TEACHERS="small:1e-3 shapes:1e-3" (preset:learning rate); extra arguments: overrides of all of them.
+    for candidate in ${DEMO_TEACHERS:-small:1e-3}; do
+      preset=${candidate%%:*}; lr=${candidate#*:}; run=runs/gpu/demo-teacher/$preset-$lr
+      distill train configs/demo/teacher-pretrain.yaml $(resume "$run") --set "run.output=$run" \
+        --set "model.preset=$preset" --set "training.learning_rate=$lr" --set training.batch_size=256 \
+        --set training.max_steps=${DEMO_TEACHER_STEPS:-3000} "${sets[@]}" > "$out/demo-teacher-$preset-$lr.log" 2>&1 &
+    done
+    wait
+    for candidate in ${DEMO_TEACHERS:-small:1e-3}; do
+      run=runs/gpu/demo-teacher/${candidate%%:*}-${candidate#*:}
+      distill bench "$(latest "$run")" --prompts 24 --seeds 2 --real-videos 256 2>&1 | quiet | tail -3
+      mkdir -p "$out/demo-teacher/${run##*/}" && cp -r "$(bench_of "$run")" "$run/metrics.jsonl" "$out/demo-teacher/${run##*/}/"
+      cp -r "$(latest "$run")/export/transformer" "$out/demo-teacher/${run##*/}/"
+    done
     ;;
   probes)
     python3 -m distill.bench.training configs/gpu/shapes-teacher.yaml --iterations 20 --profile \
