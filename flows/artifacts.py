@@ -41,6 +41,8 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
         published.add(key)
         meta = json.loads(store.get_text(key))
         folder = store.key_uri(key.rsplit("/", 1)[0])
+        sheet = key.rsplit("/", 1)[0] + "/contact.png"  # inline: the UI shows it wherever the run's files live
+        shown = f"![contact sheet]({_data_uri(store.get_bytes(sheet))})" if store.exists(sheet) else ""
         step = key.split("/")[1]
         rows = parse_metrics(store.get_text("metrics.jsonl")) if store.exists("metrics.jsonl") else []
         rows = [r for r in rows if r.get("step", 0) <= step_of(step)]
@@ -51,6 +53,7 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
             description=f"{cfg.run.name} validation at {step}",
             markdown="\n".join([
                 f"# {cfg.run.name}: validation at {step}", "",
+                shown, "",
                 f"Contact sheet: `{folder}/contact.png`", "",
                 f"Sampler {meta['sampler_kind']}, timesteps {rounded(meta['timesteps'])}, guidance "
                 f"{rounded(meta['guidance_scale'])}, {meta['function_evaluations_per_video']} evaluations per video, "
@@ -70,12 +73,15 @@ def publish_validations(cfg: Config, store, published: set[str]) -> None:
                                   description=f"{cfg.run.name} metrics up to {step}")
 
 
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def inline_images(markdown: str, read_bytes) -> str:
     """Markdown whose relative PNG links (`![x](plot.png)`) carry the image itself as a data URI: the Prefect UI
     shows an artifact away from the files it sits beside (local or S3), so a relative link would not load."""
     def inline(match: re.Match) -> str:
-        data = base64.b64encode(read_bytes(match[2])).decode()
-        return f"![{match[1]}](data:image/png;base64,{data})"
+        return f"![{match[1]}]({_data_uri(read_bytes(match[2]))})"
 
     return _IMAGE.sub(inline, markdown)
 

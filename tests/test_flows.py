@@ -90,7 +90,7 @@ def test_pipeline_runs_end_to_end_then_reuses_its_work(pipeline_run):
         assert (tmp_path / "student" / "bench" / step / "report.html").exists()
     # Artifacts: the validation sheet and metrics of the run, a report per checkpoint, the comparison.
     markdown = artifacts("flow-student-validation")[0].data
-    assert "contact.png" in markdown and "Sampler sde" in markdown
+    assert "contact.png" in markdown and "Sampler sde" in markdown and "![contact sheet](data:image/png;base64," in markdown
     assert artifacts("flow-student-metrics")
     bench = artifacts("flow-student-bench-step-000004")[0].data  # the plots inline: the UI shows them anywhere
     assert bench.count("](data:image/png;base64,") == 3 and "](quality_vs_steps.png)" not in bench
