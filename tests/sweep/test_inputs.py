@@ -397,7 +397,7 @@ def test_a_failed_bench_leaves_the_earlier_report_and_no_partial_folder(tmp_path
     report.mkdir(parents=True)
     (report / "report.md").write_text("# the earlier report")
 
-    def half_done(uri, spec, out_dir, storage=None):
+    def half_done(uri, spec, out_dir, storage=None, progress=None):
         (out_dir / "videos").mkdir()
         raise InputError("sampling failed half way")
 
