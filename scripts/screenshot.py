@@ -25,7 +25,19 @@ def main() -> None:
         page = browser.new_page(viewport={"width": args.width, "height": 900})
         page.goto(Path(args.page).resolve().as_uri())
         page.wait_for_function("() => Array.from(document.querySelectorAll('video')).every(v => v.readyState >= 2)")
-        page.wait_for_timeout(300)  # a few frames in: the shapes are on their way
+        # Every video paused at its middle frame and drawn into a canvas in its place: a full-page screenshot paints
+        # video layers out of the viewport black, a canvas it paints.
+        page.evaluate("""() => Promise.all(Array.from(document.querySelectorAll('video')).map(v => new Promise(done => {
+            v.pause();
+            v.addEventListener('seeked', () => {
+                const still = document.createElement('canvas');
+                still.width = v.videoWidth; still.height = v.videoHeight;
+                still.style.width = v.clientWidth + 'px'; still.style.imageRendering = 'pixelated';
+                still.getContext('2d').drawImage(v, 0, 0);
+                v.replaceWith(still);
+                done();
+            }, {once: true});
+            v.currentTime = v.duration / 2; })))""")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=args.out, full_page=True)
         browser.close()
