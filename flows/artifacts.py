@@ -91,8 +91,9 @@ _IMAGE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")
 
 def publish_report(run: str, checkpoint: str, markdown: str, uri: str, read_bytes, page: str) -> None:
     """The report's markdown with its plots inline, and where its page with the videos is."""
-    markdown = inline_images(markdown, read_bytes).replace(
-        "The videos side by side: report.html in this folder.", f"The videos side by side: `{page}`.")
+    from distill.bench.report import PAGE_LINE  # pandas: loaded when a report is published, not with the flows
+
+    markdown = inline_images(markdown, read_bytes).replace(PAGE_LINE, f"The videos side by side: `{page}`.")
     create_markdown_artifact(key=artifact_key(run, "bench", checkpoint.rstrip("/").rsplit("/", 1)[-1]),
                              markdown=markdown, description=f"benchmark of {uri}")
 
@@ -100,7 +101,9 @@ def publish_report(run: str, checkpoint: str, markdown: str, uri: str, read_byte
 def publish_comparison(run: str, markdown: str, page: str, read_bytes) -> None:
     """The regressions, the side-by-side table and the plot of compare.md (its long table of deltas stays in the
     file), and where compare.html is."""
-    summary = inline_images(markdown.split("## Deltas against the first report")[0].rstrip(), read_bytes)
+    from distill.bench.compare import DELTAS_HEADING
+
+    summary = inline_images(markdown.split(DELTAS_HEADING)[0].rstrip(), read_bytes)
     link = f"[compare.html]({page})" if page.startswith(("http://", "https://")) else f"`{page}`"
     create_markdown_artifact(key=artifact_key(run, "comparison"),
                              markdown=f"{summary}\n\nThe videos side by side, the plots: {link}\n",

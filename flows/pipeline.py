@@ -11,7 +11,6 @@ same data and configs redoes nothing and only re-reports.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from distill.config import ConfigError, build_section, load_config, read_config_file
 from distill.strict import positive
-from distill.storage import open_store
+from distill.storage import open_store, sha256_of
 from flows.credentials import load_storage_credentials
 from flows.tasks import (bench, cached, check_config, compare, list_checkpoints, make_shapes, mark_latest, preprocess,
                          shards_missing, train)
@@ -148,7 +147,7 @@ def verify_checksums(checksums: dict[str, str]) -> None:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"checksums: {path} is missing (the pipeline depends on it)")
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        digest = sha256_of(file)
         if digest != expected.lower():
             raise ConfigError(f"checksums: {path} has SHA-256 {digest}, not {expected}: it changed since it was "
                               f"recorded; restore it (git checkout) or record the new one")

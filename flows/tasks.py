@@ -266,11 +266,12 @@ def compare(reports: list[str], out: str, storage: dict | None = None) -> str:
         store = open_store(report, cfg)
         folder = Path(tempfile.mkdtemp(prefix="distill-report-"))
         local.append(store.get_file("report.parquet", folder / "report.parquet").parent)
+        run = None
         if store.exists("meta.json"):
-            store.get_file("meta.json", folder / "meta.json")
+            run = json.loads(store.get_file("meta.json", folder / "meta.json").read_text()).get("run")
             if store.list("web/"):  # reports made before report.html have none
                 store.download_folder("web/", folder / "web")
-        runs.append(json.loads((folder / "meta.json").read_text()).get("run") if store.exists("meta.json") else None)
+        runs.append(run)
     out_store = open_store(out, cfg)
     work = Path(out_store.root) if out_store.is_local else Path(tempfile.mkdtemp(prefix="distill-compare-"))
     _, markdown = compare_reports(local, work)

@@ -25,6 +25,8 @@ from distill.outputs import check_output_folder, staged_folder
 SPREADS = {"latency_s": ["latency_spread_s"], "denoise_s": ["denoise_spread_s"],
            "decode_s": ["latency_spread_s", "denoise_spread_s"]}
 """The spread columns (max - min over a report's videos) that bound a timing's run-to-run noise."""
+DELTAS_HEADING = "## Deltas against the first report"
+"""compare.md's last section, the long table (the flows' artifact stops before it)."""
 
 
 @dataclass
@@ -65,7 +67,7 @@ def compare(reports: list[Path], out_dir: Path | None = None, tolerance: float =
                           "".join(f"- {f}\n" for f in flags) if flags else "None beyond the tolerance.\n",
                           "## Side by side (regressed rows first)", "", md_table(wide),
                           *[f"![{p}]({p})\n" for p in plots],
-                          "## Deltas against the first report", "", md_table(frame)])
+                          DELTAS_HEADING, "", md_table(frame)])
 
     if out_dir is not None:
         with staged_folder(out_dir) as staging:
@@ -137,7 +139,7 @@ def _videos(staging: Path, reports: list[Path], labels: list[str]) -> str:
     its files copied under web/<report>/."""
     rows, columns, seen = [], [], set()
     for index, (path, label) in enumerate(zip(reports, labels)):
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        folder = _folder(Path(path))
         meta_file = folder / "meta.json"
         previews = json.loads(meta_file.read_text()).get("previews") if meta_file.is_file() else None
         if not previews:
@@ -218,9 +220,14 @@ def read_report_table(path: Path) -> pd.DataFrame:
     return table.set_index(KEY)
 
 
+def _folder(path: Path) -> Path:
+    """A report's folder, given the folder or its report.parquet."""
+    return path if path.is_dir() else path.parent
+
+
 def _run_label(path: Path, checkpoint: str) -> str:
     """`<run>/<checkpoint>` for a report in `<run>/bench/<checkpoint>/`, else the report's path."""
-    folder = path if path.is_dir() else path.parent
+    folder = _folder(path)
     if folder.parent.name == "bench":
         return f"{folder.parent.parent.name}/{checkpoint}"
     return str(folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.video import write_video
+from distill.video import scale_up, write_video
 
 PREVIEW_MIN_SIZE = 128
 """Previews are scaled up (by a whole factor) to at least this many pixels on their shorter side."""
@@ -28,8 +28,7 @@ PREVIEW_MIN_SIZE = 128
 def preview_frames(frames: np.ndarray, min_size: int = PREVIEW_MIN_SIZE) -> np.ndarray:
     """(F, H, W, 3) uint8 scaled up by the smallest whole factor reaching `min_size`, padded to even sizes
     (4:2:0 needs them)."""
-    scale = max(1, -(-min_size // min(frames.shape[1:3])))
-    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    frames = scale_up(frames, min_size)
     return np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
 
 

@@ -89,6 +89,8 @@ def _quality(table: pd.DataFrame) -> pd.DataFrame:
     return table[KEY + [c for c in table.columns if c in QUALITY or c.startswith("fd_") or c.endswith("_score")]]
 
 
+PAGE_LINE = "The videos side by side: report.html in this folder."
+"""report.md's pointer to its page (the flows' artifact names the page's full location instead)."""
 DATA_ROW = ("The `data` row scores held-out real videos of the same prompts (as many per prompt as seeds) against the "
             "same reference set: the ceiling of adherence, the data's own diversity, and the Fréchet distance at this "
             "sample size between two real sets.")
@@ -106,7 +108,7 @@ def _markdown(table: pd.DataFrame, meta: dict, training: dict | None, plots: lis
     if training is not None:
         lines += ["## Training throughput", "", md_table(_training(training))]
     lines += [f"![{p}]({p})" for p in plots]
-    lines += ["", "The videos side by side: report.html in this folder."] if meta.get("previews") else []
+    lines += ["", PAGE_LINE] if meta.get("previews") else []
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist

@@ -89,14 +89,15 @@ def animated_column(videos: list, min_height: int = 128) -> list:
     scaled up by a whole factor (nearest) so that each is at least `min_height` pixels tall."""
     import numpy as np
 
+    from distill.video import scale_up
+
     length = max(len(v) for v in videos)
     width = max(v.shape[2] for v in videos)
-    scale = max(1, -(-min_height // max(v.shape[1] for v in videos)))
+    tallest = max(v.shape[1] for v in videos)
     frames = []
     for t in range(length):
         rows = [np.pad(v[min(t, len(v) - 1)], ((0, 0), (0, width - v.shape[2]), (0, 0))) for v in videos]
-        frame = np.concatenate(rows, axis=0)
-        frames.append(frame.repeat(scale, axis=0).repeat(scale, axis=1))
+        frames.append(scale_up(np.concatenate(rows, axis=0), min_height, size=tallest))
     return frames
 
 
