@@ -5,6 +5,7 @@
 #   scripts/gpu-results.sh shapes-students   the 4-step and the 1-step DMD2 students, trained side by side on one GPU
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
 #   scripts/gpu-results.sh demo-teacher      candidates for the demo's committed teacher (issue 16), side by side
+#   DEMO_TEACHER=runs/gpu/demo-teacher/small-1e-3 scripts/gpu-results.sh demo-student   the demo's student from one
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
@@ -122,6 +123,19 @@ case "$stage" in
       mkdir -p "$out/demo-teacher/${run##*/}" && cp -r "$(bench_of "$run")" "$run/metrics.jsonl" "$out/demo-teacher/${run##*/}/"
       cp -r "$(latest "$run")/export/transformer" "$out/demo-teacher/${run##*/}/"
     done
+    ;;
+  demo-student)  # issue 16: the demo's student recipe (configs/demo/student.yaml) from a candidate teacher, on the GPU,
+    # as a forecast of the CPU demo (same config and batch); DEMO_TEACHER=runs/gpu/demo-teacher/small-1e-3
+    run=runs/gpu/demo-student/${DEMO_TEACHER:?DEMO_TEACHER}; run=${run%/}; run=runs/gpu/demo-student/${run##*/}
+    distill train configs/demo/student.yaml $(resume "$run") --set "run.output=$run" \
+      --set "roles.teacher.init_from=$(latest "$DEMO_TEACHER")" --set data.videos=runs/demo-pretrain/shapes \
+      --set data.shards=runs/demo-pretrain/shards --set training.max_steps=${DEMO_STUDENT_STEPS:-900} \
+      --set training.checkpoint_every=300 "${sets[@]}" > "$out/demo-student-${run##*/}.log" 2>&1
+    for ckpt in "$run"/checkpoints/step-*; do
+      distill bench "$ckpt" --prompts 24 --seeds 2 --teacher-steps 50 --teacher-guidance 4 --real-videos 256 \
+        2>&1 | quiet | tail -1
+    done
+    mkdir -p "$out/demo-student/${run##*/}" && cp -r "$run/bench" "$run/metrics.jsonl" "$out/demo-student/${run##*/}/"
     ;;
   probes)
     python3 -m distill.bench.training configs/gpu/shapes-teacher.yaml --iterations 20 --profile \
