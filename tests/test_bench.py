@@ -217,6 +217,20 @@ def test_the_pages_in_a_browser(benched, tmp_path):
         assert_all_loaded(state)
 
 
+def test_without_imageio_ffmpeg_there_are_no_previews_and_no_failure(tmp_path, monkeypatch, caplog):
+    """imageio-ffmpeg is a dependency, but an install without it (a GPU image with its own stack) still benches:
+    the previews are left out with a warning instead of failing in imageio's fallback writer."""
+    import sys
+
+    from distill.bench.previews import write_previews
+
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    assert write_previews(tmp_path, "student-sde-4", [frames, None]) == ["web/student-sde-4/000.mp4", None]
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails
+    assert write_previews(tmp_path / "without", "student-sde-4", [frames, None]) == [None, None]
+    assert "imageio-ffmpeg is not installed" in caplog.text and not (tmp_path / "without").exists()
+
+
 def test_compare_flags_regressions(tmp_path):
     base = {"checkpoint": "a", "model": "student", "sampler": "sde", "steps": 4, "adherence_all": 0.9,
             "latency_s": 1.0, "fd_oracle": 1.0, "diversity": 0.2}

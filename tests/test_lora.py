@@ -122,6 +122,26 @@ def test_adapters_on_another_base_are_refused_naming_both(tmp_path):
         other.load_module("transformer", str(ckpt / "export" / "transformer"))
 
 
+def test_adapters_over_a_teacher_folder_are_fused_onto_that_folder(tmp_path):
+    """A teacher from a diffusers folder (not the preset's weights): what samples or exports the student (bench,
+    export --fuse) fuses its adapter onto that folder's weights."""
+    from distill.models.wan import WanPlugin
+
+    teacher = WanPlugin(lora_config(tmp_path), device=torch.device("cpu")).new_denoiser()
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(0.01)  # weights other than the preset's
+    teacher.save_pretrained(tmp_path / "teacher")
+    cfg = lora_config(tmp_path, "training.max_steps=2", f"roles.teacher.init_from={tmp_path / 'teacher'}")
+    Trainer(cfg).train()
+    export = tmp_path / "run" / "checkpoints" / "step-000002" / "export" / "transformer"
+    student = WanPlugin(cfg, device=torch.device("cpu")).load_module("transformer", str(export))
+    untouched = "condition_embedder.time_embedder.linear_1.weight"  # no adapter on it
+    assert torch.equal(student.state_dict()[untouched], teacher.state_dict()[untouched])
+    assert not torch.equal(student.blocks[0].attn1.to_q.weight, teacher.blocks[0].attn1.to_q.weight)
+    assert cli_main(["export", str(export.parent.parent), str(tmp_path / "fused"), "--fuse"]) == 0
+
+
 def test_lora_export_loads_in_stock_diffusers_as_a_lora_file_and_fused(tmp_path, capsys):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 

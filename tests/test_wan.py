@@ -226,7 +226,7 @@ def test_frozen_and_trainable_roles_share_numerics_so_the_critic_starts_as_the_t
     initialisation the critic's score is bit for bit the teacher's."""
     import copy
 
-    from distill.models.base import cast_frozen
+    from distill.models.casting import cast_frozen
     from distill.roles import RoleHandle
 
     cfg = tiny_config(run_dir)

@@ -15,11 +15,14 @@ A `null` is a row the column has no video for (the data holds fewer held-out vid
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from distill.video import scale_up, write_video
+
+logger = logging.getLogger(__name__)
 
 PREVIEW_MIN_SIZE = 128
 """Previews are scaled up (by a whole factor) to at least this many pixels on their shorter side."""
@@ -33,7 +36,12 @@ def preview_frames(frames: np.ndarray, min_size: int = PREVIEW_MIN_SIZE) -> np.n
 
 
 def write_previews(out_dir: Path, label: str, videos: list[np.ndarray | None], fps: int = 8) -> list[str | None]:
-    """Write each video as `web/<label>/<index>.mp4` under `out_dir`; their paths relative to it (None stays)."""
+    """Write each video as `web/<label>/<index>.mp4` under `out_dir`; their paths relative to it (None stays).
+    Without imageio-ffmpeg (an optional dependency) there are no previews: every path is None, and the pages
+    show their tables and plots only."""
+    if not mp4_writable():
+        logger.warning("bench: no browser previews for %s: imageio-ffmpeg is not installed", label)
+        return [None] * len(videos)
     paths = []
     for index, frames in enumerate(videos):
         if frames is None:
@@ -43,6 +51,14 @@ def write_previews(out_dir: Path, label: str, videos: list[np.ndarray | None], f
         write_video(preview_frames(np.asarray(frames)), Path(out_dir) / rel, fps=fps, full_chroma=False)
         paths.append(rel)
     return paths
+
+
+def mp4_writable() -> bool:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def grid_rows(prompts: list[str], seeds: list[int]) -> list[dict]:

@@ -25,8 +25,9 @@ from distill.adapter import Batch, LatentsSource
 from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError
-from distill.models.checkpointing import checkpoint_inside, checkpoint_marked_blocks
-from distill.models.lora import add_lora, base_fingerprint, fused, is_adapter_folder, share_weights
+from distill.models.casting import cast_role
+from distill.models.checkpointing import checkpoint_inside, checkpoint_marked_blocks, raise_recompile_limit
+from distill.models.lora import add_lora, adapter_base, base_fingerprint, fused, is_adapter_folder, share_weights
 from distill.roles import RoleHandle, RoleManager
 from distill.run_layout import resolve_export
 from distill.validation import SamplingSpec, Validator
@@ -79,8 +80,25 @@ class ModelPlugin(ABC):
         """A denoiser from a checkpoint's export folder, fp32: a diffusers folder, or a LoRA adapter fused into the
         model's own weights (refused unless they are the base it was trained on)."""
         if is_adapter_folder(Path(folder)):
-            return fused(self.new_denoiser(expert), Path(folder), self.model_weights(), where=f"{key} ({folder})")
+            # its base: a source this run's roles start from (a teacher folder or checkpoint), else the model's own
+            base = adapter_base(Path(folder))["weights"]
+            sources = {self.weights_of(name) for name in self.cfg.roles} - {self.model_weights()}
+            module = (self.source_denoiser(base, f"{key} (its LoRA base)", expert) if base in sources
+                      else self.new_denoiser(expert))
+            return fused(module, Path(folder), base if base in sources else self.model_weights(),
+                         where=f"{key} ({folder})")
         return self.load_denoiser(folder, key=key)
+
+    def source_denoiser(self, source: str | None, key: str, expert: str) -> nn.Module:
+        """Denoiser `expert` from an init_from source other than a role: None (the model's own weights), a hub id, a
+        checkpoint (its exported denoiser) or a diffusers folder; fp32."""
+        if source is None:
+            return self.new_denoiser(expert)
+        if hub_id(source) is not None:
+            return self.load_denoiser(source, key, expert)
+        export = resolve_export(source, self.cfg.storage)
+        return self.load_exported(str(Path(export) / expert), key, expert) if export else self.load_denoiser(
+            source, key, expert)
 
     def build_roles(self, names: list[str] | None = None) -> RoleManager:
         """A handle per configured role (or per role in `names`), weights resolved through `init_from`,
@@ -109,16 +127,10 @@ class ModelPlugin(ABC):
             key = f"roles.{name}.init_from"
             if roles[name].share_base:
                 continue  # its base is the source role's modules, once those are cast (below)
-            if source is None:
-                modules[name] = {e: made(name, self.new_denoiser(e)) for e in experts}
-            elif source in roles:
+            if source in roles:
                 modules[name] = copy.deepcopy(modules[source])  # fp32 when a full-weight role copies it (`made`)
-            elif hub_id(source) is not None:
-                modules[name] = {e: made(name, self.load_denoiser(source, key, e)) for e in experts}
             else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoisers
-                export = resolve_export(source, self.cfg.storage)
-                modules[name] = {e: made(name, self.load_exported(str(Path(export) / e), key, e) if export
-                                         else self.load_denoiser(source, key, e)) for e in experts}
+                modules[name] = {e: made(name, self.source_denoiser(source, key, e)) for e in experts}
         built: dict[str, dict[str, nn.Module]] = {}
         for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
             role = roles[name]
@@ -353,24 +365,6 @@ def _partitions_weights(handle: RoleHandle) -> bool:
     return engine is not None and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
 
 
-def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast a frozen component (VAE, text encoder), keeping the parameters and buffers its class marks
-    `_keep_in_fp32_modules` in fp32, matched by name part as diffusers' `from_pretrained(torch_dtype=...)` does
-    (`scale_shift_table` is a parameter, not a module)."""
-    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point():
-            fp32 = dtype != torch.float32 and any(k in name.split(".") for k in keep)
-            tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
-    return module
-
-
-def cast_role(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast a role's module entirely, as a DeepSpeed bf16 engine casts a trainable role's: frozen and trainable
-    roles then share their numerics, and a role copied from a frozen one starts with exactly its predictions."""
-    return nn.Module.to(module, dtype)
-
-
 def _init_order(roles: dict) -> list[str]:
     """Roles ordered so that each comes after the role it starts from; cycles are errors."""
     order: list[str] = []
@@ -390,11 +384,3 @@ def _init_order(roles: dict) -> list[str]:
     for name in roles:
         visit(name)
     return order
-
-
-def raise_recompile_limit(limit: int = 64) -> None:
-    """Every role and mode (with or without grad, train or eval, a bf16 teacher, another video size) is one more
-    graph of the same compiled code; past dynamo's default limit of 8 that code silently runs eager."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)

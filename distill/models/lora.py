@@ -112,7 +112,12 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
     if not config:
         raise CheckpointError(f"{path}: holds no LoRA config in its metadata; it was not saved by distill")
-    return tensors, config, json.loads((Path(folder) / BASE_FILE).read_text())
+    return tensors, config, adapter_base(folder)
+
+
+def adapter_base(folder: Path) -> dict:
+    """The fingerprint of the base weights an exported adapter was trained on (`weights`: where they came from)."""
+    return json.loads((Path(folder) / BASE_FILE).read_text())
 
 
 def load_adapter_state(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -21,7 +21,8 @@ from distill.adapter import Batch, BatchError, LatentsSource
 from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError, InputError
-from distill.models.base import cast_frozen, raise_recompile_limit
+from distill.models.casting import cast_frozen
+from distill.models.checkpointing import raise_recompile_limit
 from distill.models.flow_match import FlowMatchFamily
 from distill.models.lora import ADAPTER_FILE, is_adapter_folder, read_adapter
 from distill.models.wan_presets import _PART_SEEDS, EXPERTS, PRESETS
