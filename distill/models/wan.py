@@ -10,6 +10,7 @@ trains the transformer directly on videos in [-1, 1] with no VAE.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -180,11 +181,21 @@ class WanPlugin(FlowMatchFamily):
         m = self.cfg.model
         return {
             "family": m.family,
-            "weights": self.model_weights(),
+            "weights": self._encoder_weights(),
             "pixel_space": m.pixel_space,
             "max_text_length": m.max_text_length,
             "latent_channels": self.latent_channels,
         }
+
+    def _encoder_weights(self) -> str:
+        """The text encoder's (and in latent space the VAE's) weights, in words: model.path, or for a preset its
+        encoders' settings and the seed, so that presets differing only in the transformer share shards."""
+        m = self.cfg.model
+        if m.path is not None:
+            return m.path
+        parts = {"text_encoder": self._preset("text_encoder"), **({} if m.pixel_space else {"vae": self._preset("vae")})}
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+        return f"preset-encoders:{digest}:init_seed={m.init_seed}"
 
     # -- encoding (text, videos) ------------------------------------------------------------
 
