@@ -109,17 +109,18 @@ case "$stage" in
     ;;
   demo-teacher)  # issue 16: candidates for the demo's committed teacher, side by side; each benched at 50 steps, CFG 4
     # (shards: runs/demo-pretrain/shards, made on the CPU as configs/demo/teacher-pretrain.yaml says).
-    # DEMO_TEACHERS="small:1e-3 shapes:1e-3" (preset:learning rate); extra arguments: overrides of all of them.
+    # DEMO_TEACHERS="small:2e-3 medium:1e-3" (preset:learning rate); extra arguments: overrides of all of them.
     for candidate in ${DEMO_TEACHERS:-small:1e-3}; do
       preset=${candidate%%:*}; lr=${candidate#*:}; run=runs/gpu/demo-teacher/$preset-$lr
       distill train configs/demo/teacher-pretrain.yaml $(resume "$run") --set "run.output=$run" \
         --set "model.preset=$preset" --set "training.learning_rate=$lr" --set training.batch_size=256 \
-        --set training.max_steps=${DEMO_TEACHER_STEPS:-3000} "${sets[@]}" > "$out/demo-teacher-$preset-$lr.log" 2>&1 &
+        --set training.max_steps=${DEMO_TEACHER_STEPS:-3000} --set validation.video_format=gif "${sets[@]}" \
+        > "$out/demo-teacher-$preset-$lr.log" 2>&1 &
     done
     wait
     for candidate in ${DEMO_TEACHERS:-small:1e-3}; do
       run=runs/gpu/demo-teacher/${candidate%%:*}-${candidate#*:}
-      distill bench "$(latest "$run")" --prompts 24 --seeds 2 --real-videos 256 2>&1 | quiet | tail -3
+      distill bench "$(latest "$run")" --prompts 24 --seeds 2 --real-videos 256 --video-format gif 2>&1 | quiet | tail -3
       mkdir -p "$out/demo-teacher/${run##*/}" && cp -r "$(bench_of "$run")" "$run/metrics.jsonl" "$out/demo-teacher/${run##*/}/"
       cp -r "$(latest "$run")/export/transformer" "$out/demo-teacher/${run##*/}/"
     done
@@ -129,11 +130,12 @@ case "$stage" in
     run=runs/gpu/demo-student/${DEMO_TEACHER:?DEMO_TEACHER}; run=${run%/}; run=runs/gpu/demo-student/${run##*/}
     distill train configs/demo/student.yaml $(resume "$run") --set "run.output=$run" \
       --set "roles.teacher.init_from=$(latest "$DEMO_TEACHER")" --set data.videos=runs/demo-pretrain/shapes \
-      --set data.shards=runs/demo-pretrain/shards --set training.max_steps=${DEMO_STUDENT_STEPS:-900} \
-      --set training.checkpoint_every=300 "${sets[@]}" > "$out/demo-student-${run##*/}.log" 2>&1
+      --set data.shards=runs/demo-pretrain/shards --set training.max_steps=${DEMO_STUDENT_STEPS:-600} \
+      --set training.checkpoint_every=200 --set validation.video_format=gif "${sets[@]}" \
+      > "$out/demo-student-${run##*/}.log" 2>&1
     for ckpt in "$run"/checkpoints/step-*; do
       distill bench "$ckpt" --prompts 24 --seeds 2 --teacher-steps 50 --teacher-guidance 4 --real-videos 256 \
-        2>&1 | quiet | tail -1
+        --video-format gif 2>&1 | quiet | tail -1
     done
     mkdir -p "$out/demo-student/${run##*/}" && cp -r "$run/bench" "$run/metrics.jsonl" "$out/demo-student/${run##*/}/"
     ;;

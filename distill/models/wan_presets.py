@@ -43,6 +43,15 @@ PRESETS: dict[str, dict] = {
         text_encoder=_TINY_TEXT,
         vae=_TINY_VAE,
     ),
+    # Between the two: twice small's width (~1M parameters), a candidate for a teacher that a CPU demo can distil.
+    "medium": dict(
+        transformer=dict(
+            patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, text_dim=32, freq_dim=32,
+            ffn_dim=512, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        text_encoder=_TINY_TEXT,
+        vae=_TINY_VAE,
+    ),
     # The shapes world on a GPU: ~6M parameters, 4x4 patches.
     "shapes": dict(
         transformer=dict(
