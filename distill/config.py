@@ -18,6 +18,7 @@ from typing import Any, Literal
 from distill.errors import ConfigError
 from distill.locations import check_endpoint_url, check_weights_source
 from distill.model_config import MAX_FLOW_SHIFT, ModelConfig  # noqa: F401  (the model section, a module of its own)
+from distill.parallel_config import ParallelConfig
 from distill.role_config import LoraSettings, RoleConfig, check_lora  # noqa: F401  (the roles section, too)
 from distill.strict import build_section, check_seeds, load_yaml, non_negative, positive
 
@@ -224,6 +225,8 @@ class Config:
     """A DeepSpeed config, passed through (batch size, clipping and precision are filled in from training)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Artifact storage settings."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Sequence parallelism across ranks (data parallelism needs no key: it is every rank beyond it)."""
 
     @property
     def zero_stage(self) -> int:

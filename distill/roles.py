@@ -47,6 +47,8 @@ class RoleHandle:
     base: dict[str, dict] | None = None
     """A LoRA role: by module, the fingerprint of the frozen base weights its adapter applies to
     (`distill.models.lora`)."""
+    gradient_scale: float = 1.0
+    """What each loss is multiplied by before its backward (the sequence-parallel group's size: see Trainer)."""
     _frozen: bool = field(default=False, repr=False)
 
     def module(self, key: str = "transformer"):
@@ -107,6 +109,8 @@ class RoleHandle:
             # None of the weights this role trains took part (the call went to an expert it keeps frozen): the step
             # then applies zero gradients, as it does to any of its weights a loss does not reach.
             loss = loss + sum(p.sum() for p in self.trainable_parameters()) * 0.0
+        if self.gradient_scale != 1.0:
+            loss = loss * self.gradient_scale
         if self.engine is not None:
             self.engine.backward(loss)
         else:

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+import numpy as np
+
 from tiny import tiny_raw
 
 pytestmark = pytest.mark.multirank  # two ranks under the deepspeed launcher
@@ -27,12 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     port = free_port()
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), *args]
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's shared-memory all-reduce buffers (66 MB a rank) are gone once the run ends: none piles up in RAM
@@ -75,3 +77,31 @@ def test_a_loss_not_finite_on_one_rank_stops_every_rank_with_the_same_error(tmp_
     assert said[0] == said[1]
     assert said[0] == ("critic_loss is not finite (NaN or Inf) on rank 1 at iteration 2; every rank stops "
                        "before the optimizer step; the run has no checkpoint with finite weights")
+
+
+@pytest.mark.parametrize("ranks, preset", [(2, "tiny"), (4, "small")])  # small: 4 heads, so 4 ranks can split them
+def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, preset):
+    """parallel.sequence_parallel_size = all ranks (Ulysses): the same losses, student weights and validation video
+    as one rank without it (DMD2 with an EMA, ZeRO-2, student updates every other iteration)."""
+    from PIL import Image, ImageSequence
+
+    driver = Path(__file__).parent / "drivers" / "sequence_parallel.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(driver), str(tmp_path / "one"), "1", preset], env=env, check=True,
+                   capture_output=True, timeout=300)
+    launch(str(driver), str(tmp_path / "split"), str(ranks), preset, ranks=ranks)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+
+    def video(run: str) -> np.ndarray:
+        gif = Image.open(tmp_path / run / "validation" / "step-000004" / "p00-s0.gif")
+        return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]).astype(int)
+
+    for rank in range(ranks):
+        split = json.loads((tmp_path / "split" / f"rank{rank}.json").read_text())
+        assert [row.keys() for row in split["history"]] == [row.keys() for row in one["history"]]
+        for row, ours in zip(one["history"], split["history"]):
+            for key in (k for k in row if k.endswith("_loss")):
+                assert ours[key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (rank, key)
+        for name, value in one["weights"].items():
+            assert split["weights"][name] == pytest.approx(value, rel=1e-5), (rank, name)
+    assert np.abs(video("split") - video("one")).max() <= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -76,6 +78,9 @@ class FakeAdapter:
 
     class noise_scheduler:  # noqa: N801 - mimics the attribute of a diffusers scheduler
         timesteps = torch.arange(1000, 0, -1).float()
+
+    def copy_denoiser(self, module, memo=None):
+        return copy.deepcopy(module, memo)
 
     def prepare_batch(self, raw, *, latents_source):
         z = torch.zeros(SHAPE)

@@ -10,6 +10,7 @@ import torch
 
 from distill.config import ConfigError
 from distill.models.wan import WanPlugin
+from distill.training.trainer import Trainer
 from distill.validation import SamplingSpec, ValidationRequest
 from tiny import tiny_config
 
@@ -359,7 +360,6 @@ def test_the_speed_settings_train_dmd2_to_the_same_losses(tmp_path):
     no-grad rollouts, the GAN head's hooks on the critic's blocks, an EMA and a validation."""
     from torch._dynamo.utils import counters
 
-    from distill.training.trainer import Trainer
     from tiny import LatentDataset
 
     def losses(name, **model):
@@ -591,3 +591,38 @@ def test_the_full_size_presets_are_the_released_architectures(preset, billions):
         transformer = WanTransformer3DModel(**PRESETS[preset]["transformer"])
     assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 3) == billions
     assert preset in WanPlugin.presets
+
+
+def test_sequence_parallel_refuses_what_it_cannot_split(tmp_path):
+    """Sizes that do not divide the ranks, the heads or the tokens; the GAN head; an attention backend without it.
+    (Splitting itself is tested on 2 and 4 gloo ranks in test_distributed.py.)"""
+    from diffusers import WanTransformer3DModel
+
+    from distill.models.wan_parallel import enable_ulysses
+    from distill.models.wan_presets import PRESETS
+
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel_size: 2 does not divide the 1 ranks"):
+        Trainer(tiny_config(tmp_path / "a", parallel={"sequence_parallel_size": 2}))
+    with pytest.raises(ConfigError, match=r"method_config.gan_critic_weight: the GAN head does not yet run with"):
+        tiny_config(tmp_path / "b", parallel={"sequence_parallel_size": 2}, method_config={"gan_critic_weight": 0.01},
+                    data={"shards": "x", "num_frames": 1, "height": 16, "width": 16})
+
+    class FourRanks:  # the part of a DeviceMesh that is read before any collective
+        def __getitem__(self, name):
+            return self
+
+        def size(self):
+            return 4
+
+    def transformer(preset):
+        return WanTransformer3DModel(**PRESETS[preset]["transformer"], in_channels=3, out_channels=3)
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"4 does not divide the transformer's 2 attention heads"):
+        enable_ulysses(transformer("tiny"), FourRanks(), cpu, {"data": 64})
+    with pytest.raises(ConfigError, match=r"4 does not divide the 6 tokens of a video of validation's size"):
+        enable_ulysses(transformer("small"), FourRanks(), cpu, {"data": 64, "validation": 6})
+    module = transformer("small")
+    module.set_attention_backend("_native_math")
+    with pytest.raises(ConfigError, match=r"model.attention_backend: _native_math cannot split a sequence"):
+        enable_ulysses(module, FourRanks(), cpu, {"data": 64})

@@ -15,11 +15,14 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, modules: dict[str, nn.Module], decay: float, start_step: int = 0):
+    def __init__(self, modules: dict[str, nn.Module], decay: float, start_step: int = 0, *,
+                 deepcopy=copy.deepcopy):
+        """`deepcopy(module, memo)`: how to copy a module (a model plugin's `copy_denoiser`: hooks a plain
+        deepcopy would leave bound to the original)."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.start_step = decay, start_step
-        self.modules = {name: _averaged_copy(m) for name, m in modules.items()}
+        self.modules = {name: _averaged_copy(m, deepcopy) for name, m in modules.items()}
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module], step: int) -> None:
@@ -33,11 +36,11 @@ class EMA:
                 e.copy_(b)
 
 
-def _averaged_copy(module: nn.Module) -> nn.Module:
+def _averaged_copy(module: nn.Module, deepcopy) -> nn.Module:
     """A copy of the module holding fp32 copies of its trainable parameters and the frozen ones shared (the base
     weights under a LoRA adapter: they never change, and a copy of a 14B base would not fit)."""
     frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
-    average = copy.deepcopy(module, frozen).eval()
+    average = deepcopy(module, frozen).eval()
     for p in average.parameters():
         if id(p) not in frozen:
             p.data = p.data.float()

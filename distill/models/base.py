@@ -50,6 +50,8 @@ class ModelPlugin(ABC):
 
     def __init__(self, cfg: Config, *, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
         self.cfg = cfg
+        self.sequence_mesh = None
+        """Set by the trainer when parallel.sequence_parallel_size > 1: every denoiser set up then splits its tokens."""
         self.device = torch.device(device)
         self.frozen_dtype = frozen_dtype
         """dtype of frozen roles and components (bf16 on GPU)."""
@@ -218,9 +220,20 @@ class ModelPlugin(ABC):
                 module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_marked_blocks)
         if m.attention_backend is not None:
             module.set_attention_backend(m.attention_backend)
+        if self.sequence_mesh is not None:
+            self.enable_sequence_parallel(module)
         if m.compile:
             raise_recompile_limit()
             module.compile_repeated_blocks(mode=m.compile_mode, backend=m.compile_backend)
+
+    def copy_denoiser(self, module: nn.Module, memo: dict | None = None) -> nn.Module:
+        """A deep copy of a set-up denoiser (`memo`: copy.deepcopy's, e.g. parameters to share, not copy)."""
+        return copy.deepcopy(module, memo)
+
+    def enable_sequence_parallel(self, module: nn.Module) -> None:
+        """Split the denoiser's sequence over the ranks of `sequence_mesh`'s "ulysses" dimension, in place."""
+        raise ConfigError(f"parallel.sequence_parallel_size: model family {self.cfg.model.family!r} has no sequence "
+                          f"parallelism")
 
     @classmethod
     def check_runtime(cls, cfg: Config, device: torch.device, *, backward: bool) -> None:

@@ -162,6 +162,24 @@ class WanPlugin(FlowMatchFamily):
     def _frozen(self, module: nn.Module) -> nn.Module:
         return cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
 
+    def copy_denoiser(self, module: nn.Module, memo: dict | None = None) -> nn.Module:
+        from distill.models.wan_parallel import copied
+
+        return copied(module, memo)
+
+    def enable_sequence_parallel(self, module: nn.Module) -> None:
+        from distill.models.wan_parallel import enable_ulysses
+
+        patch = module.config.patch_size
+        sizes = {"data": self.cfg.data, "validation": self.cfg.validation}
+        tokens = {}
+        for key, part in sizes.items():
+            num_frames, height, width = (getattr(part, k, None) or getattr(self.cfg.data, k)
+                                         for k in ("num_frames", "height", "width"))
+            _, f, h, w = self.video_latent_shape(num_frames, height, width, key=key)
+            tokens[key] = f // patch[0] * (h // patch[1]) * (w // patch[2])
+        enable_ulysses(module, self.sequence_mesh, self.device, tokens)
+
     def video_latent_shape(self, num_frames: int, height: int, width: int, key: str = "validation") -> tuple[int, ...]:
         """(C, F, H, W) of the transformer's input for a video of this size; errors name `key`."""
         patch = self._preset("transformer")["patch_size"] if self.cfg.model.preset else (1, 2, 2)

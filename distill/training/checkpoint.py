@@ -336,12 +336,16 @@ _MAY_CHANGE = {"training.max_steps", "training.log_every", "training.progress_ba
                *RUNTIME_KEYS, "training.optimizer_implementation"}
 
 
+# Sections added after checkpoints were first written: absent from an older checkpoint, they held their default.
+_ADDED_LATER = {"parallel": {"sequence_parallel_size": 1}}
+
+
 def _check_same_run(saved: dict, now: dict, where: str, path: str = "") -> None:
     for key in sorted(set(saved) | set(now)):
         dotted = f"{path}.{key}" if path else key
         if dotted in _MAY_CHANGE:
             continue
-        a, b = saved.get(key), now.get(key)
+        a, b = saved.get(key, _ADDED_LATER.get(dotted)), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             _check_same_run(a, b, where, dotted)
         elif a != b:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distill.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -17,9 +19,28 @@ class DistInfo:
     world_size: int
     local_rank: int
 
+    sequence_parallel_size: int = 1
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the data-parallel groups: the ranks of a sequence-parallel group share it."""
+        return self.rank // self.sequence_parallel_size
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size // self.sequence_parallel_size
+
+    def sequence_mesh(self, device_type: str):
+        """The device mesh of sequence parallelism as diffusers' context parallelism names its dimensions: data
+        parallel groups of consecutive ranks, each split by Ulysses (no ring)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, (self.data_world_size, 1, self.sequence_parallel_size),
+                                mesh_dim_names=("data", "ring", "ulysses"))
 
 
 def free_port() -> int:
@@ -28,7 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_type: str) -> DistInfo:
+def init_distributed(device_type: str, sequence_parallel_size: int = 1) -> DistInfo:
     """Join (or, alone, create) the process group: gloo on CPU, NCCL on GPU.
 
     The launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) is read here, at the
@@ -44,7 +65,11 @@ def init_distributed(device_type: str) -> DistInfo:
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
         if device_type == "cpu":
             _unlink_shm_buffer()
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                    sequence_parallel_size)
+    if info.world_size % sequence_parallel_size:
+        raise ConfigError(f"parallel.sequence_parallel_size: {sequence_parallel_size} does not divide the "
+                          f"{info.world_size} ranks of this run")
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info

@@ -59,7 +59,7 @@ class Trainer:
             check_overwrite(cfg)  # --overwrite deletes run.output's files: none may be an input
         elif resume is None:
             self.folder.refuse_leftovers()
-        self.dist = init_distributed(self.device.type)
+        self.dist = init_distributed(self.device.type, cfg.parallel.sequence_parallel_size)
         self.run_dir = self.folder.local
         with self.folder.removed_on_error():
             resume = self.open_run(resume, force)
@@ -98,6 +98,8 @@ class Trainer:
         self.plugin = registry.get_model(cfg.model.family)(
             cfg, device=self.device, frozen_dtype=torch.bfloat16 if self.bf16 else torch.float32
         )
+        if self.dist.sequence_parallel_size > 1:
+            self.plugin.sequence_mesh = self.dist.sequence_mesh(self.device.type)
         self.dataset = dataset if dataset is not None else self.open_data(spec.cls)
         self.check_data(spec.cls)
         if isinstance(self.dataset, ShardDataset):
@@ -108,13 +110,17 @@ class Trainer:
         # 2. Roles, method, engines.
         self.roles = self.plugin.build_roles()
         validator = self.plugin.validator() if cfg.validation.every else None
-        self.method = spec.cls(cfg, self.roles, self.plugin, validator, rank=self.dist.rank)
+        # The ranks of a sequence-parallel group are one data-parallel rank: the same batch, the same draws.
+        self.method = spec.cls(cfg, self.roles, self.plugin, validator, rank=self.dist.data_rank)
         self.method.build()
         wrap_in_engines(self.roles, cfg, self.bf16)
+        for handle in self.roles:
+            # Each rank of a group holds the gradient of its own tokens; the engines average over every rank, so
+            # the group's sum (the whole sequence's gradient) needs its size back.
+            handle.gradient_scale = self.dist.sequence_parallel_size
 
-        self.batches = BatchLoader(
-            self.dataset, cfg.training.batch_size, rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.run.seed
-        )
+        self.batches = BatchLoader(self.dataset, cfg.training.batch_size, rank=self.dist.data_rank,
+                                   world_size=self.dist.data_world_size, seed=cfg.run.seed)
 
     def restore(self, resume: str | None) -> None:
         """The checkpoint's state (the newer ones dropped first, when forced), the metrics log, the config."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distill.adapter import Batch, LatentsSource
 from distill.errors import ConfigError
@@ -122,6 +123,7 @@ class DMD2Adapter(Protocol):
     def predict_x0_cond_uncond(self, handle: RoleHandle, x_t, t, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         ...
     def shift_timestep(self, t: torch.Tensor) -> torch.Tensor: ...
+    def copy_denoiser(self, module: nn.Module, memo: dict | None = None) -> nn.Module: ...  # the EMA's copy
 
 
 @register_method("dmd2", DMD2Config)
@@ -146,6 +148,10 @@ class DMD2(DistillMethod):
             raise ConfigError("method_config.gan_critic_weight: the GAN term needs real videos, but the data gives "
                               "prompts only; set data.shards to shards that carry latents (`distill preprocess` "
                               "without prompt_only), or set method_config.gan_critic_weight: 0")
+        if cfg.method_config.gan_critic_weight and cfg.parallel.sequence_parallel_size > 1:
+            # The head reads the critic's block features, which each rank of the group holds for its own tokens only.
+            raise ConfigError("method_config.gan_critic_weight: the GAN head does not yet run with "
+                              "parallel.sequence_parallel_size > 1; set one of them off")
         if cfg.method_config.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("method_config.ema_decay: the EMA averages the student's whole weights on each rank, "
                               "which deepspeed.zero_optimization.stage 3 partitions; use stage 0-2 with an EMA")
@@ -158,7 +164,8 @@ class DMD2(DistillMethod):
         self.teacher = self.roles["teacher"]
         self.critic = self.roles["critic"]
         self.denoising_steps = self._denoising_steps()
-        self.ema = EMA(self.student.modules, m.ema_decay, m.ema_start_step) if m.ema_decay else None
+        self.ema = (EMA(self.student.modules, m.ema_decay, m.ema_start_step, deepcopy=self.adapter.copy_denoiser)
+                    if m.ema_decay else None)
 
     def _add_gan_head(self) -> list[int]:
         """The classifier head, a module of the critic (it trains in the critic's engine); returns its blocks."""
