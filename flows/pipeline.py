@@ -88,6 +88,9 @@ class PipelineConfig:
     """Benchmark settings."""
     num_gpus: int = 0
     """Ranks per training run (0 = one, on the CPU or one GPU)."""
+    sequence_parallel_size: int = 1
+    """Ranks that split each video's tokens in the training runs (their parallel.sequence_parallel_size); it must
+    divide the ranks."""
     report: str | None = None
     """Where the comparison goes; unset = <student output>/bench/compare."""
     checksums: dict[str, str] = field(default_factory=dict)
@@ -98,17 +101,32 @@ class PipelineConfig:
     the last successful one (named by <student output>/LATEST), on the current data."""
 
 
-def load_pipeline(path: str) -> PipelineConfig:
-    return build_section(PipelineConfig, read_config_file(path), "")
+    def validate(self, path: str) -> None:
+        positive(self, path, "sequence_parallel_size")
+        if max(1, self.num_gpus) % self.sequence_parallel_size:
+            raise ConfigError(f"sequence_parallel_size: {self.sequence_parallel_size} does not divide the "
+                              f"{max(1, self.num_gpus)} ranks of num_gpus")
+
+
+def load_pipeline(path: str, **parameters) -> PipelineConfig:
+    """The spec, with a deployment's parameters (num_gpus, sequence_parallel_size) over its keys where given."""
+    raw = read_config_file(path)
+    raw.update({k: v for k, v in parameters.items() if v is not None})
+    return build_section(PipelineConfig, raw, "")
 
 
 @flow(name="pipeline")
-def pipeline(spec: str = "configs/demo/pipeline.yaml") -> str:
-    """Run the whole chain; returns where the comparison report is."""
+def pipeline(spec: str = "configs/demo/pipeline.yaml", num_gpus: int | None = None,
+             sequence_parallel_size: int | None = None) -> str:
+    """Run the whole chain; returns where the comparison report is. num_gpus and sequence_parallel_size, when
+    given, replace the spec's."""
     logger = get_run_logger()
     load_storage_credentials()
-    p = load_pipeline(spec)
+    p = load_pipeline(spec, num_gpus=num_gpus, sequence_parallel_size=sequence_parallel_size)
     stages = [s for s in (p.teacher, p.student) if s is not None]
+    if p.sequence_parallel_size > 1:  # the training runs split their videos' tokens
+        for stage in stages:
+            stage.overrides = [*stage.overrides, f"parallel.sequence_parallel_size={p.sequence_parallel_size}"]
     verify_checksums(p.checksums)  # 1. the files and every config, before any work
     for stage in stages:
         check_config(stage.config, stage.overrides)

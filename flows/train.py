@@ -6,14 +6,22 @@ import sys
 
 from prefect import flow
 
+from distill.errors import ConfigError
 from flows.credentials import load_storage_credentials
 from flows.tasks import check_config, train
 
 
 @flow(name="train")
-def train_flow(config: str, overrides: list[str] | None = None, num_gpus: int = 0, resume: bool | None = False) -> dict:
-    """resume: True continues from the newest checkpoint; None resumes when there is one (retries, schedules)."""
-    overrides = overrides or []
+def train_flow(config: str, overrides: list[str] | None = None, num_gpus: int = 0, resume: bool | None = False,
+               sequence_parallel_size: int = 1) -> dict:
+    """resume: True continues from the newest checkpoint; None resumes when there is one (retries, schedules).
+    sequence_parallel_size: ranks of the num_gpus that split each video's tokens (parallel.sequence_parallel_size)."""
+    overrides = list(overrides or [])
+    if sequence_parallel_size < 1 or max(1, num_gpus) % sequence_parallel_size:
+        raise ConfigError(f"sequence_parallel_size: {sequence_parallel_size} does not divide the {max(1, num_gpus)} "
+                          f"ranks of num_gpus")
+    if sequence_parallel_size != 1:
+        overrides.append(f"parallel.sequence_parallel_size={sequence_parallel_size}")
     load_storage_credentials()
     check_config(config, overrides)
     return train(config, overrides, num_gpus, resume)

@@ -173,6 +173,24 @@ def test_a_bad_config_fails_in_the_first_task_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_sequence_parallel_size_is_a_deployment_parameter_that_must_divide_the_ranks(tmp_path):
+    """The pipeline and train flows take num_gpus and sequence_parallel_size (the GPU deployment's parameters);
+    a size that does not divide the ranks fails before any work, and a valid one reaches the run's config."""
+    from flows.pipeline import load_pipeline
+    from flows.train import train_flow
+
+    spec = tiny_pipeline(tmp_path)
+    with pytest.raises(ConfigError, match="sequence_parallel_size: 4 does not divide the 2 ranks of num_gpus"):
+        load_pipeline(spec, num_gpus=2, sequence_parallel_size=4)
+    assert load_pipeline(spec, num_gpus=4, sequence_parallel_size=2).sequence_parallel_size == 2
+    assert load_pipeline(spec).sequence_parallel_size == 1  # the spec's (default) where no parameter is given
+    state = train_flow(write(tmp_path / "run.yaml", tiny_raw(tmp_path / "run")), num_gpus=2, sequence_parallel_size=4,
+                       return_state=True)
+    with pytest.raises(ConfigError, match="sequence_parallel_size: 4 does not divide the 2 ranks"):
+        state.result()
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failed_training_keeps_the_last_checkpoint_for_resume(tmp_path):
     from flows.train import train_flow
 
