@@ -223,7 +223,8 @@ class CheckpointManager:
             manifest = read_manifest(self.store, prefix)
             if manifest["world_size"] != self.world_size:
                 raise CheckpointError(f"{self.store.key_uri(prefix)}: saved by {manifest['world_size']} ranks, this "
-                                      f"run has {self.world_size}; resume with the same number of ranks")
+                                      f"run has {self.world_size}; resume with the same number of ranks, or start a new "
+                                      f"run from its weights (roles.<name>.init_from: the checkpoint)")
             records = file_records(manifest)
             check_sizes(self.store, prefix, records)
             folder = self._fetch(prefix)
