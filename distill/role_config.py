@@ -77,3 +77,24 @@ def check_lora(name: str, role: RoleConfig, roles: dict[str, RoleConfig], zero_s
     if base is None or base.trainable or base.lora is not None:
         raise ConfigError(f"{path}.share_base: the shared base is the frozen role that {path}.init_from names, "
                           f"but init_from is {role.init_from!r}; set it to a frozen role (e.g. teacher)")
+
+
+def init_order(roles: dict) -> list[str]:
+    """Roles ordered so that each comes after the role it starts from; cycles are errors."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ConfigError(f"roles.{name}.init_from: roles start from each other in a cycle")
+        visiting.add(name)
+        source = roles[name].init_from
+        if source in roles:
+            visit(source)
+        order.append(name)
+
+    for name in roles:
+        visit(name)
+    return order

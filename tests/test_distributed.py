@@ -79,17 +79,19 @@ def test_a_loss_not_finite_on_one_rank_stops_every_rank_with_the_same_error(tmp_
                        "before the optimizer step; the run has no checkpoint with finite weights")
 
 
-@pytest.mark.parametrize("ranks, preset", [(2, "tiny"), (4, "small")])  # small: 4 heads, so 4 ranks can split them
-def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, preset):
+@pytest.mark.parametrize("ranks, preset, gan", [(2, "tiny", False), (4, "small", False), (2, "tiny", True)])
+def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, preset, gan):
     """parallel.sequence_parallel_size = all ranks (Ulysses): the same losses, student weights and validation video
-    as one rank without it (DMD2 with an EMA, ZeRO-2, student updates every other iteration)."""
+    as one rank without it (DMD2 with an EMA, ZeRO-2, student updates every other iteration; with the GAN head,
+    whose later losses show that its own updates agree too). small: 4 heads, so that 4 ranks can split them."""
     from PIL import Image, ImageSequence
 
     driver = Path(__file__).parent / "drivers" / "sequence_parallel.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(driver), str(tmp_path / "one"), "1", preset], env=env, check=True,
+    extra = ["--gan"] if gan else []
+    subprocess.run([sys.executable, str(driver), str(tmp_path / "one"), "1", preset, *extra], env=env, check=True,
                    capture_output=True, timeout=300)
-    launch(str(driver), str(tmp_path / "split"), str(ranks), preset, ranks=ranks)
+    launch(str(driver), str(tmp_path / "split"), str(ranks), preset, *extra, ranks=ranks)
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
 
     def video(run: str) -> np.ndarray:

@@ -594,18 +594,15 @@ def test_the_full_size_presets_are_the_released_architectures(preset, billions):
 
 
 def test_sequence_parallel_refuses_what_it_cannot_split(tmp_path):
-    """Sizes that do not divide the ranks, the heads or the tokens; the GAN head; an attention backend without it.
+    """Sizes that do not divide the ranks, the heads or the tokens; an attention backend without it.
     (Splitting itself is tested on 2 and 4 gloo ranks in test_distributed.py.)"""
     from diffusers import WanTransformer3DModel
 
-    from distill.models.wan_parallel import enable_ulysses
+    from distill.models.sequence_parallel import enable_ulysses
     from distill.models.wan_presets import PRESETS
 
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel_size: 2 does not divide the 1 ranks"):
         Trainer(tiny_config(tmp_path / "a", parallel={"sequence_parallel_size": 2}))
-    with pytest.raises(ConfigError, match=r"method_config.gan_critic_weight: the GAN head does not yet run with"):
-        tiny_config(tmp_path / "b", parallel={"sequence_parallel_size": 2}, method_config={"gan_critic_weight": 0.01},
-                    data={"shards": "x", "num_frames": 1, "height": 16, "width": 16})
 
     class FourRanks:  # the part of a DeviceMesh that is read before any collective
         def __getitem__(self, name):

@@ -28,6 +28,7 @@ from distill.errors import ConfigError
 from distill.models.casting import cast_role
 from distill.models.checkpointing import checkpoint_inside, checkpoint_marked_blocks, raise_recompile_limit
 from distill.models.lora import add_lora, adapter_base, base_fingerprint, fused, is_adapter_folder, share_weights
+from distill.role_config import init_order
 from distill.roles import RoleHandle, RoleManager
 from distill.run_layout import resolve_export
 from distill.validation import SamplingSpec, Validator
@@ -124,7 +125,7 @@ class ModelPlugin(ABC):
 
         trains: dict[str, set[str]] = {name: self._trained_experts(name) for name in needed}  # checked before any build
         modules: dict[str, dict[str, nn.Module]] = {}  # role -> its denoisers by module name, fp32 unless frozen
-        for name in (n for n in _init_order(roles) if n in needed):
+        for name in (n for n in init_order(roles) if n in needed):
             source = roles[name].init_from
             key = f"roles.{name}.init_from"
             if roles[name].share_base:
@@ -134,7 +135,7 @@ class ModelPlugin(ABC):
             else:  # a checkpoint (or a run's checkpoints/latest) means its exported denoisers
                 modules[name] = {e: made(name, self.source_denoiser(source, key, e)) for e in experts}
         built: dict[str, dict[str, nn.Module]] = {}
-        for name in (n for n in _init_order(roles) if n in needed):  # a shared base before the roles sharing it
+        for name in (n for n in init_order(roles) if n in needed):  # a shared base before the roles sharing it
             role = roles[name]
             built[name] = {}
             for e in experts:
@@ -350,6 +351,10 @@ class ModelPlugin(ABC):
         finally:
             for h in hooks:
                 h.remove()
+        if self.sequence_mesh is not None:  # each rank holds its own tokens; a head reads the whole sequence
+            from distill.models.sequence_parallel import gathered_tokens
+
+            return [gathered_tokens(kept[i], self.sequence_mesh) for i in blocks]
         return [kept[i] for i in blocks]
 
     def block_feature_shape(self, handle: RoleHandle) -> tuple[int, int]:
@@ -376,24 +381,3 @@ class _FeaturesTaken(Exception):
 def _partitions_weights(handle: RoleHandle) -> bool:
     engine = handle.engine
     return engine is not None and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
-
-
-def _init_order(roles: dict) -> list[str]:
-    """Roles ordered so that each comes after the role it starts from; cycles are errors."""
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name in visiting:
-            raise ConfigError(f"roles.{name}.init_from: roles start from each other in a cycle")
-        visiting.add(name)
-        source = roles[name].init_from
-        if source in roles:
-            visit(source)
-        order.append(name)
-
-    for name in roles:
-        visit(name)
-    return order

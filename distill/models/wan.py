@@ -163,12 +163,12 @@ class WanPlugin(FlowMatchFamily):
         return cast_frozen(module.to(self.device).eval().requires_grad_(False), self.frozen_dtype)
 
     def copy_denoiser(self, module: nn.Module, memo: dict | None = None) -> nn.Module:
-        from distill.models.wan_parallel import copied
+        from distill.models.sequence_parallel import copied
 
         return copied(module, memo)
 
     def enable_sequence_parallel(self, module: nn.Module) -> None:
-        from distill.models.wan_parallel import enable_ulysses
+        from distill.models.sequence_parallel import enable_ulysses
 
         patch = module.config.patch_size
         sizes = {"data": self.cfg.data, "validation": self.cfg.validation}

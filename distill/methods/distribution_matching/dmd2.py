@@ -148,10 +148,6 @@ class DMD2(DistillMethod):
             raise ConfigError("method_config.gan_critic_weight: the GAN term needs real videos, but the data gives "
                               "prompts only; set data.shards to shards that carry latents (`distill preprocess` "
                               "without prompt_only), or set method_config.gan_critic_weight: 0")
-        if cfg.method_config.gan_critic_weight and cfg.parallel.sequence_parallel_size > 1:
-            # The head reads the critic's block features, which each rank of the group holds for its own tokens only.
-            raise ConfigError("method_config.gan_critic_weight: the GAN head does not yet run with "
-                              "parallel.sequence_parallel_size > 1; set one of them off")
         if cfg.method_config.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("method_config.ema_decay: the EMA averages the student's whole weights on each rank, "
                               "which deepspeed.zero_optimization.stage 3 partitions; use stage 0-2 with an EMA")
@@ -180,8 +176,15 @@ class DMD2(DistillMethod):
             if not -num_blocks <= i < num_blocks:
                 raise ConfigError(f"method_config.gan_blocks: block {i} is outside the denoiser's {num_blocks} blocks")
         blocks = [i % num_blocks for i in blocks]
-        critic.add_module("gan_head", GANHead(width, len(blocks), self.method_cfg.gan_head_hidden)
-                           .to(next(critic.parameters()).device))
+        head = GANHead(width, len(blocks), self.method_cfg.gan_head_hidden).to(next(critic.parameters()).device)
+        group = self.cfg.parallel.sequence_parallel_size
+        if group > 1:
+            # Every rank of a sequence-parallel group reads the whole gathered sequence, so each computes the head's
+            # full gradient where the transformer's ranks each hold their own tokens' share; the losses are scaled by
+            # the group's size for the latter (Trainer), so the head's gradient is taken back by it.
+            for param in head.parameters():
+                param.register_hook(lambda grad: grad / group)
+        critic.add_module("gan_head", head)
         return blocks
 
     def exported_modules(self) -> dict:

@@ -1,7 +1,8 @@
-"""Ulysses sequence parallelism for Wan's transformer through diffusers' context parallelism: the tokens are split
-over the ranks of a group after the patch embedding (with their rotary embeddings), each self-attention runs an
-all-to-all from tokens to heads and back, and the output is gathered before the unpatchify. Cross-attention needs
-no exchange (every rank holds the whole text). Each rank's backward then holds the gradients of its own tokens."""
+"""Ulysses sequence parallelism for a diffusers transformer with a context-parallel plan (`_cp_plan`; Wan's): the
+tokens are split over the ranks of a group after the patch embedding (with their rotary embeddings), each
+self-attention runs an all-to-all from tokens to heads and back, and the output is gathered before the
+unpatchify. Cross-attention needs no exchange (every rank holds the whole text). Each rank's backward then holds
+the gradients of its own tokens: a gather passes back to each rank the gradient of its own slice only."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ def copied(module: nn.Module, memo: dict | None = None) -> nn.Module:
         apply_context_parallel(module, config.context_parallel_config, module._cp_plan)
     apply_context_parallel(duplicate, duplicate._parallel_config.context_parallel_config, duplicate._cp_plan)
     return duplicate
+
+
+def gathered_tokens(tokens: torch.Tensor, mesh) -> torch.Tensor:
+    """(B, tokens / N, ...) of each rank of the group → (B, tokens, ...) on every one, differentiably (each rank's
+    backward keeps the gradient of its own slice, as the transformer's output gather does)."""
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    return EquipartitionSharder.unshard(tokens, 1, mesh["ulysses"])
