@@ -7,6 +7,7 @@
 #   scripts/gpu-results.sh demo-teacher      candidates for the demo's committed teacher (issue 16), side by side
 #   DEMO_TEACHER=runs/gpu/demo-teacher/small-1e-3 scripts/gpu-results.sh demo-student   the demo's student from one
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
+#   SCALING="dp:1 dp:8 sp720:8 ..." scripts/gpu-results.sh scaling   issue 17: several GPUs of one host (below)
 #   LEVERS="base ckpt2 ..." scripts/gpu-results.sh levers   issue 14's levers, one at a time, on the same DMD2 step
 #     (names below), then wan_latency with and without compile; results in $OUT/levers.tgz, then $OUT/LEVERS_DONE.
 #     compile-grads(-nockpt, -aot, -flash, -undonated, -math, -small): scripts/compile_grads.py, compiled gradients
@@ -257,6 +258,26 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
     done
     tar czf "$out/levers.tgz" -C "$out" levers
     touch "$out/LEVERS_DONE"
+    ;;
+  scaling)  # issue 17 on a host of several GPUs: DMD2 step of `wan` under the launcher, one JSON per row
+    # SCALING="dp:1 dp:2 dp:4 dp:8 sp720:2 sp720:4 sp720:8 zero3-14b:8" (kind:GPUs); results in $OUT/scaling/
+    mkdir -p "$out/scaling"
+    for row in ${SCALING:-dp:1 dp:2}; do
+      kind=${row%%:*}; gpus=${row#*:}; args=(--iterations 12)
+      case "$kind" in
+        dp) ;;  # Wan2.1-1.3B, 480p x 81f, ZeRO-2, data parallel: each rank its own video
+        sp720) args+=(--height 720 --width 1280 --set "parallel.sequence_parallel_size=$gpus") ;;  # ~75k tokens
+        zero3-14b) args=(--iterations 7 --preset wan2.1-14b --zero-stage 3) ;;  # full-weight roles, ZeRO-3
+        *) echo "unknown scaling row $row" >&2; continue ;;
+      esac
+      deepspeed --num_gpus "$gpus" --master_port $((29500 + gpus)) --module distill.bench.dmd2_step "${args[@]}" \
+        --output "runs/scaling/$kind-$gpus" --json "$out/scaling/$kind-$gpus.json" "${sets[@]}" 2>&1 | quiet \
+        > "$out/scaling/$kind-$gpus.log" || { echo "$row: failed"; tail -n 4 "$out/scaling/$kind-$gpus.log" | cut -c1-300; }
+      python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], {k: r.get(k) for k in (
+'seconds_per_sample', 'mfu', 'peak_memory_gib', 'ranks', 'sequence_parallel_size')})" \
+        "$out/scaling/$kind-$gpus.json" "$row" 2>/dev/null || true
+    done
+    tar czf "$out/scaling.tgz" -C "$out" scaling
     ;;
   wan)
     python3 -m distill.bench.dmd2_step --iterations 12 --json "$out/wan_dmd2_step.json" 2>&1 | quiet | tail -30

@@ -107,3 +107,16 @@ def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, 
         for name, value in one["weights"].items():
             assert split["weights"][name] == pytest.approx(value, rel=1e-5), (rank, name)
     assert np.abs(video("split") - video("one")).max() <= 1
+
+
+def test_the_dmd2_step_bench_under_the_launcher_with_sequence_parallelism(tmp_path):
+    """The scaling figures' command (scripts/gpu-results.sh scaling) on two gloo ranks: one report, from rank 0,
+    that counts the samples of the data-parallel groups (one here: the two ranks split one video)."""
+    proc = launch("--module", "distill.bench.dmd2_step", "--preset", "tiny", "--frames", "5", "--height", "32",
+                  "--width", "32", "--text-dim", "32", "--iterations", "3", "--warmup", "1",
+                  "--output", str(tmp_path / "run"), "--json", str(tmp_path / "step.json"),
+                  "--set", "parallel.sequence_parallel_size=2")
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert result["ranks"] == 2 and result["sequence_parallel_size"] == 2
+    assert result["seconds_per_sample"] == pytest.approx(result["mean_seconds_per_iteration"])  # batch 1, one group
+    assert proc.stdout.count('"seconds_per_sample"') == 1

@@ -16,6 +16,7 @@ are in the output. Prints numbers; asserts nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -99,6 +100,7 @@ def main(argv=None) -> dict:
                    help="after timing, profile one student-update and one critic-only iteration: Chrome traces "
                         "into DIR, their top operators into the result")
     add_overrides(p)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = p.parse_args(argv)
     if args.iterations <= args.warmup:
         p.error(f"--iterations ({args.iterations}) must exceed --warmup ({args.warmup})")
@@ -127,6 +129,8 @@ def main(argv=None) -> dict:
         from distill.bench.training import profile_kinds
 
         figures["profile"] = profile_kinds(trainer, args.profile)
+    if not trainer.dist.is_main:  # under the launcher every rank times its share; the first one reports
+        return figures
     for row in figures["rows"]:
         print(json.dumps(row), flush=True)
     result = {
@@ -135,6 +139,8 @@ def main(argv=None) -> dict:
         "shape": {"frames": args.frames, "height": args.height, "width": args.width, "batch": 1},
         "preset": args.preset,
         "zero_stage": args.zero_stage,
+        "ranks": trainer.dist.world_size,
+        "sequence_parallel_size": trainer.dist.sequence_parallel_size,
         "activation_checkpointing": cfg.model.gradient_checkpointing,
         "overrides": args.overrides,
         "model": to_dict(cfg)["model"],

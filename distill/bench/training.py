@@ -136,7 +136,7 @@ def measure(trainer, iterations: int, warmup: int = 2) -> dict:
         r["calls_no_grad"] = len(calls) - r["calls_with_grad"]
         r["model_flops"] = sum(flops[name] * batch / example_batch[name] * forwards for name, forwards, batch in calls)
         r["mfu"] = r["model_flops"] / r["seconds"] / peak
-    samples = trainer.cfg.training.batch_size * trainer.cfg.training.gradient_accumulation_steps * trainer.dist.world_size
+    samples = trainer.cfg.training.batch_size * trainer.cfg.training.gradient_accumulation_steps * trainer.dist.data_world_size
     mean_seconds = statistics.fmean(r["seconds"] for r in rows)
 
     def median(key, kind):
