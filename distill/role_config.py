@@ -47,6 +47,9 @@ class RoleConfig:
     share_base: bool = False
     """With lora: the adapter applies to the weights of the frozen role named by init_from, held once in memory
     (the teacher's), instead of to a copy of them."""
+    shard: bool = False
+    """A frozen role: its weights partitioned over the ranks (ZeRO-3 inference: each forward gathers a block's
+    weights as it runs) instead of replicated on each; needs deepspeed.zero_optimization.stage 3."""
     experts: list[str] | None = None
     """A trainable role of a two-expert model (Wan 2.2 A14B): the experts it trains, by module name (`transformer`:
     high noise, `transformer_2`: low noise); the others stay frozen. Unset = all."""
@@ -61,8 +64,14 @@ class RoleConfig:
 
 
 def check_lora(name: str, role: RoleConfig, roles: dict[str, RoleConfig], zero_stage: int) -> None:
-    """The LoRA keys of role `name` against the other roles and the ZeRO stage."""
+    """The LoRA and sharding keys of role `name` against the other roles and the ZeRO stage."""
     path = f"roles.{name}"
+    if role.shard and (role.trainable or zero_stage != 3):
+        raise ConfigError(f"{path}.shard: partitions a frozen role's weights with ZeRO-3; a trainable role is "
+                          f"partitioned by its engine's stage, and a frozen one needs deepspeed.zero_optimization."
+                          f"stage 3 (now {zero_stage})" if not role.trainable else
+                          f"{path}.shard: a trainable role's weights are partitioned by its engine's ZeRO stage; "
+                          f"shard is for frozen roles")
     if role.lora is not None and not role.trainable:
         raise ConfigError(f"{path}.lora: a frozen role's adapter would never train; set {path}.trainable: true "
                           f"or remove {path}.lora")

@@ -260,7 +260,7 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
     touch "$out/LEVERS_DONE"
     ;;
   scaling)  # issue 17 on a host of several GPUs: DMD2 step of `wan` under the launcher, one JSON per row
-    # SCALING="dp:1 dp:2 dp:4 dp:8 sp720:2 sp720:4 sp720:8 zero3-14b:8" (kind:GPUs); results in $OUT/scaling/
+    # SCALING="dp:1 dp:2 dp:4 dp:8 sp720:2 sp720:4 sp720:8 zero3-14b:8 zero3-14b-shard:8" (kind:GPUs), in $OUT/scaling/
     mkdir -p "$out/scaling"
     for row in ${SCALING:-dp:1 dp:2}; do
       kind=${row%%:*}; gpus=${row#*:}; args=(--iterations 12)
@@ -268,6 +268,7 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
         dp) ;;  # Wan2.1-1.3B, 480p x 81f, ZeRO-2, data parallel: each rank its own video
         sp720) args+=(--height 720 --width 1280 --set "parallel.sequence_parallel_size=$gpus") ;;  # ~75k tokens
         zero3-14b) args=(--iterations 7 --preset wan2.1-14b --zero-stage 3) ;;  # full-weight roles, ZeRO-3
+        zero3-14b-shard) args=(--iterations 7 --preset wan2.1-14b --zero-stage 3 --set roles.teacher.shard=true) ;;
         *) echo "unknown scaling row $row" >&2; continue ;;
       esac
       deepspeed --num_gpus "$gpus" --master_port $((29500 + gpus)) --module distill.bench.dmd2_step "${args[@]}" \

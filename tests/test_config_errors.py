@@ -18,6 +18,13 @@ from distill.config import ConfigError, build_config, load_config
 # ---------------------------------------------------------------------------------------
 
 BAD = [
+    # sharding a role's weights (ZeRO-3) and splitting its sequence
+    pytest.param([("roles.teacher.shard", True)], ["roles.teacher.shard", "needs deepspeed.zero_optimization.stage 3"],
+                 id="shard-without-zero3"),
+    pytest.param([("roles.student.shard", True)], ["roles.student.shard", "shard is for frozen roles"],
+                 id="shard-a-trainable-role"),
+    pytest.param([("parallel.sequence_parallel_size", 0)], ["parallel.sequence_parallel_size", "> 0"],
+                 id="sequence-parallel-size-zero"),
     # unknown keys
     pytest.param([("trainig", {"max_steps": 1})], ["trainig", "unknown key"], id="unknown-top-level"),
     pytest.param([("training.learnin_rate", 1e-5)], ["training.learnin_rate", "unknown key"], id="unknown-in-training"),

@@ -120,3 +120,21 @@ def test_the_dmd2_step_bench_under_the_launcher_with_sequence_parallelism(tmp_pa
     assert result["ranks"] == 2 and result["sequence_parallel_size"] == 2
     assert result["seconds_per_sample"] == pytest.approx(result["mean_seconds_per_iteration"])  # batch 1, one group
     assert proc.stdout.count('"seconds_per_sample"') == 1
+
+
+def test_a_sharded_teacher_under_zero3_gives_the_replicated_teachers_run(tmp_path):
+    """roles.teacher.shard: the frozen teacher's weights partitioned over the ranks (ZeRO-3 without an optimizer);
+    the same losses and student weights as with a copy of the teacher on every rank."""
+    launch(str(DRIVER), str(tmp_path / "replicated"), "3")
+    launch(str(DRIVER), str(tmp_path / "sharded"), "3", "--shard-teacher")
+    seen = {run: json.loads((tmp_path / run / "rank0.json").read_text()) for run in ("replicated", "sharded")}
+    assert seen["sharded"]["teacher_partitioned"] and not seen["replicated"]["teacher_partitioned"]
+    assert seen["sharded"]["k"] == seen["replicated"]["k"]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(row["step"], key, value) for row in rows for key, value in sorted(row.items()) if key.endswith("_loss")]
+
+    sharded, replicated = losses("sharded"), losses("replicated")
+    assert [r[:2] for r in sharded] == [r[:2] for r in replicated] and len(sharded) >= 6
+    assert [r[2] for r in sharded] == pytest.approx([r[2] for r in replicated], rel=1e-5)

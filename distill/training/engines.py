@@ -1,4 +1,5 @@
-"""One DeepSpeed engine per trainable role, from the run config's `deepspeed` section."""
+"""One DeepSpeed engine per trainable role (and per frozen role with `shard`), from the run config's `deepspeed`
+section."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def deepspeed_config(cfg: Config, handle: RoleHandle, bf16: bool) -> dict:
 
 
 def wrap_in_engines(roles: RoleManager, cfg: Config, bf16: bool) -> None:
-    """Hand each trainable role's modules (as one RoleModules), optimizer and scheduler to `deepspeed.initialize`."""
+    """Hand each trainable role's modules (as one RoleModules), optimizer and scheduler to `deepspeed.initialize`;
+    a frozen role with `shard` gets an engine without an optimizer, which only partitions its weights."""
     import deepspeed
 
     for handle in roles.trainable():
@@ -33,4 +35,9 @@ def wrap_in_engines(roles: RoleManager, cfg: Config, bf16: bool) -> None:
             config=deepspeed_config(cfg, handle, bf16),
             dist_init_required=False,
         )
+        handle.engine = engine
+    for handle in (h for h in roles if not h.trainable and cfg.roles[h.name].shard):
+        # ZeRO-3 without an optimizer: the weights partitioned, each forward gathering them block by block
+        engine, _, _, _ = deepspeed.initialize(model=RoleModules(handle.modules),
+                                               config=deepspeed_config(cfg, handle, bf16), dist_init_required=False)
         handle.engine = engine

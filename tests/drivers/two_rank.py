@@ -17,10 +17,11 @@ from tiny import tiny_config  # noqa: E402
 
 from distill.training.trainer import Trainer  # noqa: E402
 
-out, stage = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+out, stage, *flags = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 cfg = tiny_config(out, training={"max_steps": 6, "batch_size": 1},
                   method_config={"generator_update_interval": 2},
-                  deepspeed={"zero_optimization": {"stage": int(stage)}})
+                  deepspeed={"zero_optimization": {"stage": int(stage)}},
+                  overrides=["roles.teacher.shard=true"] if "--shard-teacher" in flags else [])
 trainer = Trainer(cfg)
 ks = []
 pick = trainer.method.pick_rollout_index
@@ -49,4 +50,6 @@ trainer.train()
 rank = trainer.dist.rank
 state = {k: v.detach().cpu().clone() for k, v in trainer.roles["student"].modules["transformer"].state_dict().items()}
 torch.save(state, Path(out) / f"rank{rank}.pt")
-(Path(out) / f"rank{rank}.json").write_text(json.dumps({"k": ks, "prompts": prompts, "world_size": trainer.dist.world_size}))
+teacher = trainer.roles["teacher"].modules["transformer"].parameters()
+(Path(out) / f"rank{rank}.json").write_text(json.dumps({"k": ks, "prompts": prompts, "world_size": trainer.dist.world_size,
+                                                        "teacher_partitioned": all(hasattr(p, "ds_id") for p in teacher)}))
