@@ -19,7 +19,7 @@ from distill.errors import ConfigError
 from distill.locations import check_endpoint_url, check_weights_source
 from distill.model_config import MAX_FLOW_SHIFT, ModelConfig  # noqa: F401  (the model section, a module of its own)
 from distill.parallel_config import ParallelConfig
-from distill.role_config import LoraSettings, RoleConfig, check_lora  # noqa: F401  (the roles section, too)
+from distill.role_config import LoraSettings, RoleConfig, check_lora, check_shard  # noqa: F401  (the roles section)
 from distill.strict import build_section, check_seeds, load_yaml, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "build_config", "build_section", "load_config", "to_dict"]
@@ -260,6 +260,7 @@ class Config:
             if role.init_from == name:
                 raise ConfigError(f"roles.{name}.init_from: a role cannot start from itself")
             check_lora(name, role, self.roles, self.zero_stage)
+            check_shard(name, role, self.zero_stage)
 
 # ---------------------------------------------------------------------------------------
 # Strict loading

@@ -64,14 +64,8 @@ class RoleConfig:
 
 
 def check_lora(name: str, role: RoleConfig, roles: dict[str, RoleConfig], zero_stage: int) -> None:
-    """The LoRA and sharding keys of role `name` against the other roles and the ZeRO stage."""
+    """The LoRA keys of role `name` against the other roles and the ZeRO stage."""
     path = f"roles.{name}"
-    if role.shard and (role.trainable or zero_stage != 3):
-        raise ConfigError(f"{path}.shard: partitions a frozen role's weights with ZeRO-3; a trainable role is "
-                          f"partitioned by its engine's stage, and a frozen one needs deepspeed.zero_optimization."
-                          f"stage 3 (now {zero_stage})" if not role.trainable else
-                          f"{path}.shard: a trainable role's weights are partitioned by its engine's ZeRO stage; "
-                          f"shard is for frozen roles")
     if role.lora is not None and not role.trainable:
         raise ConfigError(f"{path}.lora: a frozen role's adapter would never train; set {path}.trainable: true "
                           f"or remove {path}.lora")
@@ -86,6 +80,16 @@ def check_lora(name: str, role: RoleConfig, roles: dict[str, RoleConfig], zero_s
     if base is None or base.trainable or base.lora is not None:
         raise ConfigError(f"{path}.share_base: the shared base is the frozen role that {path}.init_from names, "
                           f"but init_from is {role.init_from!r}; set it to a frozen role (e.g. teacher)")
+
+
+def check_shard(name: str, role: RoleConfig, zero_stage: int) -> None:
+    path = f"roles.{name}.shard"
+    if role.shard and role.trainable:
+        raise ConfigError(f"{path}: a trainable role's weights are partitioned by its engine's ZeRO stage; shard is "
+                          f"for frozen roles")
+    if role.shard and zero_stage != 3:
+        raise ConfigError(f"{path}: partitions a frozen role's weights with ZeRO-3, which needs "
+                          f"deepspeed.zero_optimization.stage 3 (now {zero_stage})")
 
 
 def init_order(roles: dict) -> list[str]:
