@@ -29,10 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_env() -> dict:
+    """This environment without the process group of a Trainer run in this process earlier (init_distributed
+    sets RANK, MASTER_PORT, ...), which a child would try to join."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
 def launch(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = launcher_env()
     port = free_port()
     cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -87,10 +93,9 @@ def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, 
     from PIL import Image, ImageSequence
 
     driver = Path(__file__).parent / "drivers" / "sequence_parallel.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["--gan"] if gan else []
-    subprocess.run([sys.executable, str(driver), str(tmp_path / "one"), "1", preset, *extra], env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(driver), str(tmp_path / "one"), "1", preset, *extra], env=launcher_env(),
+                   check=True, capture_output=True, timeout=300)
     launch(str(driver), str(tmp_path / "split"), str(ranks), preset, *extra, ranks=ranks)
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
 
