@@ -78,13 +78,19 @@ def read_video(path: str | Path) -> np.ndarray:
     return frames.astype(np.uint8)
 
 
+def mp4_writable() -> bool:
+    """Whether imageio-ffmpeg (which writes mp4) is installed."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_video_format(video_format: str) -> None:
     """Fail early when mp4 is asked for and imageio-ffmpeg is missing."""
-    if video_format == "mp4":
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            raise ConfigError("validation.video_format: mp4 needs imageio-ffmpeg; install it or set gif") from None
+    if video_format == "mp4" and not mp4_writable():
+        raise ConfigError("validation.video_format: mp4 needs imageio-ffmpeg; install it or set gif")
 
 
 def contact_sheet(videos: list[np.ndarray], path: str | Path, max_columns: int = 8) -> Path:

@@ -21,7 +21,7 @@ from distill.config import ConfigError, build_section, load_config, read_config_
 from distill.strict import positive
 from distill.storage import open_store, sha256_of
 from flows.credentials import load_storage_credentials
-from flows.tasks import (bench, cached, check_config, compare, list_checkpoints, make_shapes, mark_latest, preprocess,
+from flows.tasks import (bench, cached, check_config, check_ranks, compare, list_checkpoints, make_shapes, mark_latest, preprocess,
                          shards_missing, train)
 
 
@@ -103,9 +103,7 @@ class PipelineConfig:
 
     def validate(self, path: str) -> None:
         positive(self, path, "sequence_parallel_size")
-        if max(1, self.num_gpus) % self.sequence_parallel_size:
-            raise ConfigError(f"sequence_parallel_size: {self.sequence_parallel_size} does not divide the "
-                              f"{max(1, self.num_gpus)} ranks of num_gpus")
+        check_ranks(self.num_gpus, self.sequence_parallel_size)
 
 
 def load_pipeline(path: str, **parameters) -> PipelineConfig:

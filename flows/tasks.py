@@ -126,6 +126,14 @@ def make_shapes(out: str, count: int, num_frames: int, height: int, width: int, 
     return out
 
 
+def check_ranks(num_gpus: int, sequence_parallel_size: int) -> None:
+    """The training runs' ranks (num_gpus; 0 = one) split into sequence-parallel groups of this size."""
+    ranks = max(1, num_gpus)
+    if sequence_parallel_size < 1 or ranks % sequence_parallel_size:
+        raise ConfigError(f"sequence_parallel_size: {sequence_parallel_size} does not divide the {ranks} ranks of "
+                          f"num_gpus")
+
+
 def launcher_command(config: str, overrides: list[str], num_gpus: int, resume: bool,
                      overwrite: bool = False) -> list[str]:
     """The deepspeed launcher over the `distill` console script, one rank per GPU (one on CPU)."""

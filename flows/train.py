@@ -6,9 +6,8 @@ import sys
 
 from prefect import flow
 
-from distill.errors import ConfigError
 from flows.credentials import load_storage_credentials
-from flows.tasks import check_config, train
+from flows.tasks import check_config, check_ranks, train
 
 
 @flow(name="train")
@@ -17,9 +16,7 @@ def train_flow(config: str, overrides: list[str] | None = None, num_gpus: int = 
     """resume: True continues from the newest checkpoint; None resumes when there is one (retries, schedules).
     sequence_parallel_size: ranks of the num_gpus that split each video's tokens (parallel.sequence_parallel_size)."""
     overrides = list(overrides or [])
-    if sequence_parallel_size < 1 or max(1, num_gpus) % sequence_parallel_size:
-        raise ConfigError(f"sequence_parallel_size: {sequence_parallel_size} does not divide the {max(1, num_gpus)} "
-                          f"ranks of num_gpus")
+    check_ranks(num_gpus, sequence_parallel_size)
     if sequence_parallel_size != 1:
         overrides.append(f"parallel.sequence_parallel_size={sequence_parallel_size}")
     load_storage_credentials()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.video import scale_up, write_video
+from distill.video import mp4_writable, scale_up, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ def write_previews(out_dir: Path, label: str, videos: list[np.ndarray | None], f
         write_video(preview_frames(np.asarray(frames)), Path(out_dir) / rel, fps=fps, full_chroma=False)
         paths.append(rel)
     return paths
-
-
-def mp4_writable() -> bool:
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def grid_rows(prompts: list[str], seeds: list[int]) -> list[dict]:

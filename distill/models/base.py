@@ -85,11 +85,11 @@ class ModelPlugin(ABC):
         if is_adapter_folder(Path(folder)):
             # its base: a source this run's roles start from (a teacher folder or checkpoint), else the model's own
             base = adapter_base(Path(folder))["weights"]
-            sources = {self.weights_of(name) for name in self.cfg.roles} - {self.model_weights()}
-            module = (self.source_denoiser(base, f"{key} (its LoRA base)", expert) if base in sources
-                      else self.new_denoiser(expert))
-            return fused(module, Path(folder), base if base in sources else self.model_weights(),
-                         where=f"{key} ({folder})")
+            if base in {self.weights_of(name) for name in self.cfg.roles} - {self.model_weights()}:
+                module = self.source_denoiser(base, f"{key} (its LoRA base)", expert)
+            else:
+                module, base = self.new_denoiser(expert), self.model_weights()
+            return fused(module, Path(folder), base, where=f"{key} ({folder})")
         return self.load_denoiser(folder, key=key)
 
     def source_denoiser(self, source: str | None, key: str, expert: str) -> nn.Module:

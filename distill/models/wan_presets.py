@@ -28,6 +28,10 @@ _TINY_VAE = dict(  # the Wan 2.1 VAE's structure with 8 base channels and 4 late
     base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
     latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
 )
+_CPU_TRANSFORMER = dict(  # what the CPU demo's presets share: 4 heads in 4 blocks over 4x4 patches; widths differ
+    patch_size=(1, 4, 4), num_attention_heads=4, text_dim=32, freq_dim=32, num_layers=4, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
 _PART_SEEDS = {"transformer": 1, "vae": 2, "text_encoder": 3, "transformer_2": 4}
 EXPERTS = ("transformer", "transformer_2")
 """A two-expert model's denoisers (Wan 2.2 A14B): high noise, then low noise, as WanPipeline names them."""
@@ -35,23 +39,11 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(transformer=_TINY_TRANSFORMER, text_encoder=_TINY_TEXT, vae=_TINY_VAE),
     # CPU demos: 4x4 patches keep the token count low (5 x 8 x 8 at 5 x 32 x 32), so a 0.3M-parameter
     # model trains in minutes on two cores.
-    "small": dict(
-        transformer=dict(
-            patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32,
-            ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        ),
-        text_encoder=_TINY_TEXT,
-        vae=_TINY_VAE,
-    ),
+    "small": dict(transformer=dict(_CPU_TRANSFORMER, attention_head_dim=16, ffn_dim=256), text_encoder=_TINY_TEXT,
+                  vae=_TINY_VAE),
     # Between the two: twice small's width (~1M parameters), a candidate for a teacher that a CPU demo can distil.
-    "medium": dict(
-        transformer=dict(
-            patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, text_dim=32, freq_dim=32,
-            ffn_dim=512, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        ),
-        text_encoder=_TINY_TEXT,
-        vae=_TINY_VAE,
-    ),
+    "medium": dict(transformer=dict(_CPU_TRANSFORMER, attention_head_dim=32, ffn_dim=512), text_encoder=_TINY_TEXT,
+                   vae=_TINY_VAE),
     # The shapes world on a GPU: ~6M parameters, 4x4 patches.
     "shapes": dict(
         transformer=dict(
