@@ -6,7 +6,7 @@ A section of `distill.config.Config`, in a module of its own; loading it imports
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from distill.errors import ConfigError
 from distill.locations import check_weights_source, hub_id
@@ -20,7 +20,7 @@ CHECKPOINT_SAVE = ("attention", "matmul")
 
 RUNTIME_KEYS = ("model.gradient_checkpointing", "model.checkpoint_every", "model.checkpoint_save",
                 "model.attention_backend", "model.compile",
-                "model.compile_mode", "model.compile_backend", "model.batched_cfg", "model.vae_channels_last",
+                "model.compile_mode", "model.compile_backend", "model.compile_options", "model.batched_cfg", "model.vae_channels_last",
                 "model.vae_compile")
 """Keys of this section that change how the model runs, not what it computes: a resumed run may change them, and
 `wan_latency --against-stock` leaves them out of its stock build."""
@@ -58,6 +58,9 @@ class ModelConfig:
     """torch.compile mode of the blocks (inductor's); unset = torch's default."""
     compile_backend: str = "inductor"
     """torch.compile backend of the blocks (inductor; aot_eager or eager to debug)."""
+    compile_options: dict[str, Any] = field(default_factory=dict)
+    """Inductor settings for what compiles (torch.compile's `options`, keys of `torch._inductor.config`, e.g.
+    `{split_reductions: false}`), over those of `compile_mode` and distill's own (`distill.models.compiling`)."""
     vae_channels_last: bool = False
     """Hold the VAE's 5-D conv weights channels-last (`torch.channels_last_3d`), so its convolutions run in the
     layout cuDNN is fastest in; the same numbers up to float rounding (latent models only)."""
@@ -96,7 +99,7 @@ class ModelConfig:
         if len(set(self.checkpoint_save)) != len(self.checkpoint_save):
             raise ConfigError(f"{path}.checkpoint_save: {self.checkpoint_save} names a kind twice")
         if not (self.compile or self.vae_compile):
-            for key, unset in (("compile_mode", None), ("compile_backend", "inductor")):
+            for key, unset in (("compile_mode", None), ("compile_backend", "inductor"), ("compile_options", {})):
                 if getattr(self, key) != unset:
                     raise ConfigError(f"{path}.{key}: only means something with {path}.compile: true or "
                                       f"{path}.vae_compile: true")
@@ -104,9 +107,17 @@ class ModelConfig:
             for key in ("vae_channels_last", "vae_compile"):
                 if getattr(self, key):
                     raise ConfigError(f"{path}.{key}: a pixel-space model ({path}.pixel_space: true) has no VAE")
-        if self.compile_mode is not None and self.compile_backend != "inductor":
-            raise ConfigError(f"{path}.compile_mode: the modes are inductor's; with compile_backend "
-                              f"{self.compile_backend!r} leave it unset")
+        for key, unset in (("compile_mode", None), ("compile_options", {})):
+            if getattr(self, key) != unset and self.compile_backend != "inductor":
+                raise ConfigError(f"{path}.{key}: inductor's settings; with compile_backend {self.compile_backend!r} "
+                                  f"leave it unset")
+        graphs = {"compile_mode": self.compile_mode in ("reduce-overhead", "max-autotune"),
+                  "compile_options": bool(self.compile_options.get("triton.cudagraphs"))}
+        for key, cuda_graphs in graphs.items():
+            if self.compile and cuda_graphs:
+                raise ConfigError(f"{path}.{key}: CUDA graphs of the transformer's repeated blocks overwrite one block's "
+                                  f"output with the next one's replay (H200, torch 2.11; docs/PERFORMANCE.md); use "
+                                  f"max-autotune-no-cudagraphs, or CUDA graphs for {path}.vae_compile alone")
 
     @property
     def pretrained(self) -> str | None:

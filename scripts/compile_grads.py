@@ -76,8 +76,11 @@ def main() -> int:
               torch.randn(latent, generator=g, device=device, dtype=dtype))
     _, want = calls(eager, inputs, dtype, "eager")
     norms, got = calls(compiled, inputs, dtype, "compiled")
-    worst = max(((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-12)).item() for n in want)
+    relative = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-12)).item() for n in want}
+    worst = max(relative.values())
     print(f"largest relative gradient difference, compiled against eager: {worst:.4f}")
+    for n in sorted(relative, key=relative.get, reverse=True)[:5]:  # which parameters: where the fault is
+        print(f"  {n}: {relative[n]:.4g} (eager's largest |gradient| {want[n].abs().max().item():.3g})")
     ok = all(torch.isfinite(v).all() for v in got.values()) and abs(norms[0] - norms[1]) <= 1e-3 * norms[0]
     return 0 if ok else 1
 

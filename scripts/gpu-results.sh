@@ -205,6 +205,17 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [lora-14b]="--preset wan2.1-14b --iterations 7 --lora 64"
       [lora-a14b]="--preset wan2.2-a14b --iterations 7 --lora 64"
       [compile-save]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention]"
+      # the same with inductor's reductions over the sequence unsplit (run it only where compile-grads-nosplit is sound)
+      [compile-save-nosplit]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention] \
+--set model.compile_options={\"split_reductions\":false}"
+      # inductor's mix-order reductions (a norm backward's row and column reductions in one kernel) off
+      [compile-nomix]="--iterations 16 --warmup 6 --set model.compile=true \
+--set model.compile_options={\"triton.mix_order_reduction\":false}"
+      [compile-save-nomix]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention] \
+--set model.compile_options={\"triton.mix_order_reduction\":false}"
+      [profile-compile-save-nomix]="--iterations 12 --warmup 6 --set model.compile=true \
+--set model.checkpoint_save=[attention] --set model.compile_options={\"triton.mix_order_reduction\":false} \
+--profile $out/traces/compile-save-nomix"
       [compile-ckpt2]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_every=2 \
 --set training.optimizer_implementation=fused"
     )
@@ -217,6 +228,14 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [compile-grads-math]="--video 17 240 416 --set model.attention_backend=_native_math"
       [compile-grads-small]="--video 17 240 416"
       [compile-grads-flash]="--set model.attention_backend=_native_flash"
+      # where between 1,950 and 32,760 tokens the fault starts (480 x 832: 21, 41, 61 frames = 9,360, 17,160,
+      # 24,960 tokens), and inductor's reductions split over the sequence turned off
+      [compile-grads-21f]="--video 21 480 832"
+      [compile-grads-41f]="--video 41 480 832"
+      [compile-grads-61f]="--video 61 480 832"
+      [compile-grads-nosplit]="--compiled-set model.compile_options={\"split_reductions\":false}"
+      [compile-grads-nomix]="--compiled-set model.compile_options={\"triton.mix_order_reduction\":false}"
+      [compile-grads-nopersistent]="--compiled-set model.compile_options={\"triton.persistent_reductions\":false}"
     )
     declare -A LATENCY=(  # wan_latency runs
       [latency]=""
@@ -224,8 +243,9 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       # the fast path for student and teacher alike: compiled blocks, channels-last conv weights, compiled decoder
       [latency-fast]="--against-stock --set model.compile=true --set model.vae_channels_last=true \
 --set model.vae_compile=true"
-      # the same with CUDA graphs (inductor's reduce-overhead) for the blocks and the per-frame decoder calls
-      [latency-graphs]="--against-stock --set model.compile=true --set model.compile_mode=reduce-overhead \
+      # CUDA graphs (inductor's reduce-overhead) for the per-frame decoder calls alone: for the blocks they are
+      # refused (12-04: each replay overwrote the last block's output)
+      [latency-graphs]="--against-stock --set model.compile_mode=reduce-overhead \
 --set model.vae_channels_last=true --set model.vae_compile=true"
     )
     mkdir -p "$out/levers"

@@ -187,6 +187,23 @@ def test_the_model_speed_settings_are_accepted_and_default_to_today_s_behaviour(
     model = build_config(with_changes(("model.pixel_space", False), ("model.vae_channels_last", True),
                                       ("model.vae_compile", True), ("model.compile_mode", "max-autotune"))).model
     assert model.vae_channels_last and model.vae_compile and not model.compile and model.compile_mode == "max-autotune"
+    assert default.compile_options == {}
+
+
+def test_compile_takes_the_mode_the_options_and_the_settings_for_sound_gradients_as_one_set():
+    """torch.compile refuses a mode with options; distill passes the mode as its settings, then the settings that
+    training needs (mix-order reductions off: wrong gradients on an H200), then the config's own, which win."""
+    from distill.models.compiling import SOUND_GRADIENTS, compile_kwargs
+
+    def kwargs(*changes):
+        return compile_kwargs(build_config(with_changes(("model.compile", True), *changes)).model)
+
+    assert kwargs() == {"backend": "inductor", "options": SOUND_GRADIENTS}
+    assert kwargs(("model.compile_mode", "max-autotune-no-cudagraphs"),
+                  ("model.compile_options", {"split_reductions": False, "triton.mix_order_reduction": True})) == {
+        "backend": "inductor", "options": {"max_autotune": True, "coordinate_descent_tuning": True,
+                                           "split_reductions": False, "triton.mix_order_reduction": True}}
+    assert kwargs(("model.compile_backend", "aot_eager")) == {"backend": "aot_eager"}
 
 
 def test_method_config_defaults_when_omitted():

@@ -537,7 +537,9 @@ def cuda_or_module(module: str) -> bool:
     (["model.attention_backend=flash"], ["'flash' does not run here (cpu, float32, with backward)", "flash-attn"]),
     (["model.attention_backend=_native_cudnn"], ["'_native_cudnn' does not run here (cpu"]),
     (["model.compile=true", "model.compile_backend=nope"], ["model.compile_backend", "'nope'", "aot_eager", "inductor"]),
-], ids=["package-missing", "needs-cuda", "unknown-compiler"])
+    (["model.compile=true", "model.compile_options={split_reduction: false}"],
+     ["model.compile_options", "split_reduction not a setting of torch._inductor.config"]),
+], ids=["package-missing", "needs-cuda", "unknown-compiler", "unknown-inductor-setting"])
 def test_check_config_and_train_refuse_what_cannot_run_here_before_building_models(tmp_path, capsys, monkeypatch,
                                                                                    sets, expected):
     import yaml

@@ -26,7 +26,8 @@ from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError
 from distill.models.casting import cast_role
-from distill.models.checkpointing import checkpoint_inside, checkpoint_marked_blocks, raise_recompile_limit
+from distill.models.checkpointing import checkpoint_inside, checkpoint_marked_blocks
+from distill.models.compiling import compile_kwargs, raise_recompile_limit
 from distill.models.lora import add_lora, adapter_base, base_fingerprint, fused, is_adapter_folder, share_weights
 from distill.role_config import init_order
 from distill.roles import RoleHandle, RoleManager
@@ -225,7 +226,7 @@ class ModelPlugin(ABC):
             self.enable_sequence_parallel(module)
         if m.compile:
             raise_recompile_limit()
-            module.compile_repeated_blocks(mode=m.compile_mode, backend=m.compile_backend)
+            module.compile_repeated_blocks(**compile_kwargs(m))
 
     def copy_denoiser(self, module: nn.Module, memo: dict | None = None) -> nn.Module:
         """A deep copy of a set-up denoiser (`memo`: copy.deepcopy's, e.g. parameters to share, not copy)."""
@@ -249,6 +250,13 @@ class ModelPlugin(ABC):
                 usable = [name for name in known if "TESTING" not in name and "minifier" not in name]
                 raise ConfigError(f"model.compile_backend: unknown torch.compile backend {m.compile_backend!r}; "
                                   f"known: {', '.join(usable)}")
+            if m.compile_options:
+                from torch._inductor import config as inductor_config
+
+                unknown = sorted(set(m.compile_options) - set(inductor_config.get_config_copy()))
+                if unknown:
+                    raise ConfigError(f"model.compile_options: {', '.join(unknown)} not a setting of "
+                                      f"torch._inductor.config")
             if m.compile_backend == "inductor" and device.type == "cuda":
                 from torch.utils._triton import has_triton
 

@@ -62,10 +62,3 @@ def checkpoint_inside(block: nn.Module) -> None:
             "__qualname__": cls.__qualname__})
     block.__class__ = _CHECKPOINTED_CLASSES[cls]
 
-
-def raise_recompile_limit(limit: int = 64) -> None:
-    """Every role and mode (with or without grad, train or eval, a bf16 teacher, another video size) is one more
-    graph of the same compiled code; past dynamo's default limit of 8 that code silently runs eager."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)

@@ -23,7 +23,7 @@ from distill.config import Config
 from distill.locations import hub_id
 from distill.errors import ConfigError, InputError
 from distill.models.casting import cast_frozen
-from distill.models.checkpointing import raise_recompile_limit
+from distill.models.compiling import compile_kwargs, raise_recompile_limit
 from distill.models.flow_match import FlowMatchFamily
 from distill.models.lora import ADAPTER_FILE, is_adapter_folder, read_adapter
 from distill.models.wan_presets import _PART_SEEDS, EXPERTS, PRESETS
@@ -134,7 +134,7 @@ class WanPlugin(FlowMatchFamily):
             # one-frame cache) and the rest are three graphs, three more when the video length first changes (then
             # its strides are dynamic), and none after (tested): far under the raised limit, nothing runs eager.
             raise_recompile_limit()
-            vae.decoder.compile(mode=m.compile_mode, backend=m.compile_backend)
+            vae.decoder.compile(**compile_kwargs(m))
         return vae
 
     def _load_tokenizer(self):
