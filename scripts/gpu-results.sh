@@ -234,6 +234,7 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [compile-grads-41f]="--video 41 480 832"
       [compile-grads-61f]="--video 61 480 832"
       [compile-grads-nosplit]="--compiled-set model.compile_options={\"split_reductions\":false}"
+      [compile-grads-save]="--set model.checkpoint_save=[attention]"   # the recommended training set-up
       [compile-grads-nomix]="--compiled-set model.compile_options={\"triton.mix_order_reduction\":false}"
       [compile-grads-nopersistent]="--compiled-set model.compile_options={\"triton.persistent_reductions\":false}"
     )
