@@ -134,9 +134,12 @@ case "$stage" in
       --set data.shards=runs/demo-pretrain/shards --set training.max_steps=${DEMO_STUDENT_STEPS:-600} \
       --set training.checkpoint_every=200 --set validation.video_format=gif "${sets[@]}" \
       > "$out/demo-student-${run##*/}.log" 2>&1
-    for ckpt in "$run"/checkpoints/step-*; do
+    for ckpt in "$run"/checkpoints/step-*; do  # each bench's whole log kept: on 12-04 all three stopped with an
+      # IndexError whose traceback the old `| tail -1` cut off (not reproduced on the CPU)
+      log="$out/demo-student-bench-${run##*/}-${ckpt##*/}.log"
       distill bench "$ckpt" --prompts 24 --seeds 2 --teacher-steps 50 --teacher-guidance 4 --real-videos 256 \
-        --video-format gif 2>&1 | quiet | tail -1
+        --video-format gif > "$log" 2>&1 || { echo "bench of $ckpt failed:"; grep -v -i warn "$log" | tail -n 25; }
+      tail -n 1 "$log"
     done
     mkdir -p "$out/demo-student/${run##*/}" && cp -r "$run/bench" "$run/metrics.jsonl" "$out/demo-student/${run##*/}/"
     ;;
