@@ -2,6 +2,7 @@
 
     distill shapes OUT --count 1000            a shapes-world data set (videos + captions.csv)
     distill export CHECKPOINT OUT_DIR          the student as a stock diffusers folder
+    distill reshard CHECKPOINT                 make a checkpoint resumable on any number of ranks
     distill bench CHECKPOINT / compare REPORT...  benchmarks and their comparison
     distill preprocess CONFIG                  data.videos -> data.shards
     distill train CONFIG [--set key.path=value ...] [--resume [CHECKPOINT] | --overwrite]
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                           "(without: the adapter as a diffusers LoRA file and the scheduler)")
     exp.add_argument("--endpoint-url", type=endpoint_url, default=None,
                      help="S3-compatible endpoint for an s3:// checkpoint")
+    reshard = sub.add_parser("reshard", help="add DeepSpeed universal engine states to a checkpoint, so that "
+                                             "`train --resume` continues it on any number of ranks")
+    reshard.add_argument("checkpoint", help="<output>/checkpoints/step-000500 or .../latest (a path or s3:// URI)")
+    reshard.add_argument("--endpoint-url", type=endpoint_url, default=None,
+                         help="S3-compatible endpoint for an s3:// checkpoint")
     bench = sub.add_parser("bench", help="benchmark a checkpoint: latency and quality of student and teacher")
     bench.add_argument("checkpoint", help="<output>/checkpoints/step-000500 or .../latest (a path or s3:// URI)")
     bench.add_argument("--out", default=None,
@@ -124,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"subfolder='scheduler'); pipe(prompt, {call})")
             else:
                 print(said + f"sample with WanPipeline.from_pretrained({args.out_dir!r}{load})(prompt, {call})")
+            return 0
+        if args.command == "reshard":
+            from distill.config import StorageConfig
+            from distill.training.reshard import reshard
+
+            print(reshard(args.checkpoint, StorageConfig(endpoint_url=args.endpoint_url)))
             return 0
         if args.command == "bench":
             from distill.bench.inference import BenchSpec

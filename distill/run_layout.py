@@ -3,6 +3,7 @@
 <output>/checkpoints/
     step-000500/
         roles/<role>/state/          DeepSpeed engine checkpoint of a trainable role
+        roles/<role>/universal/      the same as a DeepSpeed universal checkpoint, once `distill reshard` added it
         export/<module>/             the exported role's modules as diffusers folders (export/transformer)
         trainer/rank-00000.pt        each rank's stateful objects (loop, method, data position, RNG)
         config.yaml

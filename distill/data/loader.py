@@ -53,3 +53,17 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = state["epoch"], state["offset"]
         self._indices = self._epoch_indices(self.epoch)
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """The position of a run with `len(states)` data ranks, for this run's ranks. That run's ranks, at one
+        offset each, had drawn the first offset × len(states) samples of the epoch's order; these go on from the
+        nearest multiple of their own count below, so fewer than world_size samples are drawn again and none is
+        skipped (a finished epoch: the next one from its start)."""
+        positions = {(s["epoch"], s["offset"]) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"the ranks' data positions (epoch, offset) differ: {sorted(positions)}")
+        epoch, offset = positions.pop()
+        drawn = offset * len(states)
+        if drawn >= len(self.dataset):
+            epoch, drawn = epoch + 1, 0
+        self.load_state_dict({"epoch": epoch, "offset": drawn // self.world_size})

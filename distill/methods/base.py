@@ -171,6 +171,17 @@ class DistillMethod(ABC):
         self.local_rng.set_state(state["local_rng"])
         self.noise_rng.set_state(state["noise_rng"])
 
+    def load_resharded(self, states: list[dict]) -> None:
+        """The state of a run with `len(states)` data ranks, for this rank of a run with another number. The shared
+        stream is the same on every rank (rank 0's is taken); the per-rank streams differ by design: a rank the
+        saved run had goes on with its own, a rank it lacked keeps the seeds a fresh run gives it."""
+        if any(not torch.equal(s["shared_rng"], states[0]["shared_rng"]) for s in states):
+            raise ValueError("the shared random stream differs between the saved ranks (it draws what they agree on)")
+        if self.rank < len(states):
+            self.load_state_dict(states[self.rank])
+        else:
+            self.shared_rng.set_state(states[0]["shared_rng"])
+
     # -- helpers shared by methods ----------------------------------------------------------
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ weight it would write is finite, then writes, in order: each trainable role's De
 (`trainer/rank-N.pt`: a dict of name → state_dict), the config, and, once every rank's files are
 in the store, MANIFEST.json (each file's bytes and sha256) and then `latest`. A checkpoint
 without MANIFEST.json is incomplete (a run died while saving it) and is never resumed from; a
-resume checks the files against the manifest before any model is built. The newest
+resume checks the files against the manifest before any model is built, on the number of ranks that saved it (or
+any number: under ZeRO stage 0, or once `distill reshard` added universal engine states; see
+`distill.training.reshard`). The newest
 `keep_checkpoints` are kept, plus marked ones: every `keep_checkpoint_every` steps, or any with a
 KEEP file.
 """
@@ -37,6 +39,7 @@ from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, WI
                                 naming_the_newest, read_manifest, resolve_checkpoint, step_of)
 from distill.storage import ArtifactStore, sha256_of
 from distill.training.distributed import all_gather, ranks_where
+from distill.training.reshard import STATE, UNIVERSAL, check_resumable, engine_tag, load_resharded, read_by
 
 __all__ = ["CheckpointContents", "CheckpointError", "CheckpointManager", "RNGState", "Stateful"]
 
@@ -62,6 +65,9 @@ class RNGState:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
 
+    def load_resharded(self, states: list[dict]) -> None:
+        self.load_state_dict(states[0])  # a fresh run seeds these alike on every rank; per-rank draws are the method's
+
 
 @dataclass
 class CheckpointContents:
@@ -71,7 +77,8 @@ class CheckpointContents:
     engines: dict[str, Any]
     """Trainable role name → its DeepSpeed engine (weights, optimizer partitions, scheduler)."""
     states: dict[str, Stateful]
-    """Per-rank state by name (loop, method, data position, RNG): saved and restored through state_dict."""
+    """Per-rank state by name (loop, method, data position, RNG): saved and restored through state_dict; a resume on
+    another number of ranks hands each object every saved data-parallel rank's state (`load_resharded`)."""
     export: dict[str, nn.Module]
     """The exported role's modules by name, saved as diffusers folders under export/<name>/."""
     config: dict
@@ -121,7 +128,7 @@ class CheckpointManager:
         # 1. Engines (collective): weights, optimizer partitions, schedulers.
         for role, engine in contents.engines.items():
             # a LoRA role's frozen base is not the role's state: its adapter (and optimizer state) is
-            engine.save_checkpoint(str(staging / "roles" / role), tag="state", save_latest=False,
+            engine.save_checkpoint(str(staging / "roles" / role), tag=STATE, save_latest=False,
                                    exclude_frozen_parameters=True)
         # 2. The exported role's modules as diffusers folders (a LoRA adapter as diffusers saves one).
         export_bases = contents.bases.get(contents.manifest.get("export_role")) or {}
@@ -221,18 +228,20 @@ class CheckpointManager:
         prefix = f"{ROOT}/{name}"
         with naming_the_newest(self.store, name):
             manifest = read_manifest(self.store, prefix)
-            if manifest["world_size"] != self.world_size:
-                raise CheckpointError(f"{self.store.key_uri(prefix)}: saved by {manifest['world_size']} ranks, this "
-                                      f"run has {self.world_size}; resume with the same number of ranks, or start a new "
-                                      f"run from its weights (roles.<name>.init_from: the checkpoint)")
-            records = file_records(manifest)
+            check_resumable(manifest, self.world_size, self.store.key_uri(prefix))
+            records = read_by(file_records(manifest), engine_tag(manifest, self.world_size))
             check_sizes(self.store, prefix, records)
-            folder = self._fetch(prefix)
+            folder = self._fetch(prefix, records)
             check_checksums(folder, records, lambda rel: self.store.key_uri(f"{prefix}/{rel}"))
         if config is not None:
             _check_same_run(yaml.safe_load((folder / "config.yaml").read_text()), config, self.store.key_uri(prefix))
         self._verified[name] = folder
         return name
+
+    def loads_universal(self, name: str) -> bool:
+        """Whether resuming from the resolved checkpoint `name` reads universal engine states: its engines must be
+        built to (DeepSpeed's checkpoint.load_universal)."""
+        return engine_tag(json.loads((self._verified[name] / MANIFEST).read_text()), self.world_size) == UNIVERSAL
 
     def newer_than(self, name: str) -> list[str]:
         """The complete checkpoints after `name`: a resume from `name` would replace them."""
@@ -278,22 +287,23 @@ class CheckpointManager:
         folder = self._verified[name]
         saved = yaml.safe_load((folder / "config.yaml").read_text())
         _check_same_run(saved, contents.config, where)
-        saved_bases = json.loads((folder / MANIFEST).read_text()).get("lora_bases", {})
+        manifest = json.loads((folder / MANIFEST).read_text())
+        saved_bases = manifest.get("lora_bases", {})
         for role, bases in contents.bases.items():
             for key, base in bases.items():
                 check_same_base(saved_bases.get(role, {}).get(key, {}), base, f"{where} (role {role!r}, {key})")
         for role, engine in contents.engines.items():
             frozen = any(not p.requires_grad for p in engine.module.parameters())  # saved without its frozen base
-            path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag="state", load_module_strict=not frozen,
+            path, _ = engine.load_checkpoint(str(folder / "roles" / role), tag=engine_tag(manifest, self.world_size),
+                                             load_module_strict=not frozen,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
             if path is None:
                 raise CheckpointError(f"{where}: no engine state for role {role!r}")
-        states = torch.load(folder / "trainer" / f"rank-{self.rank:05d}.pt", weights_only=False)
-        missing = [k for k in contents.states if k not in states]
-        if missing:
-            raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(states)})")
-        for key, stateful in contents.states.items():
-            stateful.load_state_dict(states[key])
+        if manifest["world_size"] == self.world_size:
+            self._load_states(folder, contents.states, where)
+        else:  # every saved rank's states, mapped onto this run's ranks
+            load_resharded(folder, contents.states, manifest["world_size"],
+                           contents.config.get("parallel", {}).get("sequence_parallel_size", 1), where)
         if contents.export_is_state:
             for key, module in contents.export.items():
                 if has_lora(module):
@@ -305,16 +315,26 @@ class CheckpointManager:
         del self._verified[name]
         return name
 
+    def _load_states(self, folder: Path, states: dict[str, Stateful], where: str) -> None:
+        saved = torch.load(folder / "trainer" / f"rank-{self.rank:05d}.pt", weights_only=False)
+        missing = [k for k in states if k not in saved]
+        if missing:
+            raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(saved)})")
+        for key, stateful in states.items():
+            stateful.load_state_dict(saved[key])
+
     def _download_root(self) -> Path:
         return self.local_root / ".resume" / f"rank-{self.rank:05d}"
 
-    def _fetch(self, prefix: str) -> Path:
+    def _fetch(self, prefix: str, records: dict[str, dict]) -> Path:
+        """The checkpoint's folder, with the files of `records` and its manifest (downloaded unless local)."""
         if self.store.is_local:
             return Path(self.store.root) / prefix
         folder = self._download_root() / prefix
         if folder.exists():
             shutil.rmtree(folder)
-        self.store.download_folder(prefix, folder)
+        for rel in [*records, MANIFEST]:
+            self.store.get_file(f"{prefix}/{rel}", folder / rel)
         return folder
 
 

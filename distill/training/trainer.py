@@ -73,8 +73,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.folder.store, self.folder.local, rank=self.dist.rank,
                                              world_size=self.dist.world_size, zero_stage=self.cfg.zero_stage)
         self.dropped: list[str] = []
+        self.load_universal = False
         if resume is not None:
             resume = self.checkpoints.resolve(resume, to_dict(self.cfg))
+            self.load_universal = self.checkpoints.loads_universal(resume)  # the engines are built to read it
             self.dropped = self.checkpoints.newer_than(resume)
             if self.dropped and not force:
                 raise CheckpointError(
@@ -113,7 +115,7 @@ class Trainer:
         # The ranks of a sequence-parallel group are one data-parallel rank: the same batch, the same draws.
         self.method = spec.cls(cfg, self.roles, self.plugin, validator, rank=self.dist.data_rank)
         self.method.build()
-        wrap_in_engines(self.roles, cfg, self.bf16)
+        wrap_in_engines(self.roles, cfg, self.bf16, self.load_universal)
         for handle in self.roles:
             # Each rank of a group holds the gradient of its own tokens; the engines average over every rank, so
             # the group's sum (the whole sequence's gradient) needs its size back.
@@ -178,6 +180,12 @@ class Trainer:
         self.iteration = state["iteration"]
         for name, steps in state["optimizer_steps"].items():  # what an EMA's start step counts
             self.roles[name].optimizer_steps = steps
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """The loop's state from a run with another number of ranks: the same on each of its ranks."""
+        if any(s != states[0] for s in states):
+            raise ValueError(f"the ranks' iteration and optimizer steps differ: {states}")
+        self.load_state_dict(states[0])
 
     def checkpoint_contents(self) -> CheckpointContents:
         """What a checkpoint saves and a resume restores, and what readers of it need to know."""
