@@ -19,9 +19,8 @@ CHECKPOINT_SAVE = ("attention", "matmul")
 """Kinds of operator whose outputs a recomputed block may keep (`model.checkpoint_save`)."""
 
 RUNTIME_KEYS = ("model.gradient_checkpointing", "model.checkpoint_every", "model.checkpoint_save",
-                "model.attention_backend", "model.compile",
-                "model.compile_mode", "model.compile_backend", "model.compile_options", "model.batched_cfg", "model.vae_channels_last",
-                "model.vae_compile")
+                "model.attention_backend", "model.compile", "model.compile_mode", "model.compile_backend",
+                "model.compile_options", "model.batched_cfg", "model.vae_channels_last", "model.vae_compile")
 """Keys of this section that change how the model runs, not what it computes: a resumed run may change them, and
 `wan_latency --against-stock` leaves them out of its stock build."""
 
@@ -115,9 +114,9 @@ class ModelConfig:
                   "compile_options": bool(self.compile_options.get("triton.cudagraphs"))}
         for key, cuda_graphs in graphs.items():
             if self.compile and cuda_graphs:
-                raise ConfigError(f"{path}.{key}: CUDA graphs of the transformer's repeated blocks overwrite one block's "
-                                  f"output with the next one's replay (H200, torch 2.11; docs/PERFORMANCE.md); use "
-                                  f"max-autotune-no-cudagraphs, or CUDA graphs for {path}.vae_compile alone")
+                raise ConfigError(f"{path}.{key}: CUDA graphs of the transformer's repeated blocks overwrite one "
+                                  f"block's output with the next one's replay (H200, torch 2.11; docs/PERFORMANCE.md); "
+                                  f"use max-autotune-no-cudagraphs, or CUDA graphs for {path}.vae_compile alone")
 
     @property
     def pretrained(self) -> str | None:
