@@ -124,6 +124,14 @@ def file_records(manifest: dict, under: str = "") -> dict[str, dict]:
     return {rel: record for rel, record in files.items() if rel.startswith(under)}
 
 
+def records_of(folder: Path, files: list[Path], prefix: str = "") -> dict[str, dict]:
+    """The manifest's records of `files` (under the local `folder`): bytes and sha256, by path in the checkpoint
+    (`prefix/...` where they go under a prefix of it)."""
+    lead = f"{prefix}/" if prefix else ""
+    return {lead + p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in files}
+
+
 def check_sizes(store: ArtifactStore, prefix: str, records: dict[str, dict]) -> None:
     """Each recorded file is in the store (at `prefix`) with its recorded size; CheckpointError naming it."""
     for rel, record in records.items():

@@ -208,9 +208,6 @@ m = W.from_pretrained(sys.argv[1]).to(torch.bfloat16); [m.save_pretrained(d) for
       [lora-14b]="--preset wan2.1-14b --iterations 7 --lora 64"
       [lora-a14b]="--preset wan2.2-a14b --iterations 7 --lora 64"
       [compile-save]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention]"
-      # the same with inductor's reductions over the sequence unsplit (run it only where compile-grads-nosplit is sound)
-      [compile-save-nosplit]="--iterations 16 --warmup 6 --set model.compile=true --set model.checkpoint_save=[attention] \
---set model.compile_options={\"split_reductions\":false}"
       # inductor's mix-order reductions (a norm backward's row and column reductions in one kernel) off
       [compile-nomix]="--iterations 16 --warmup 6 --set model.compile=true \
 --set model.compile_options={\"triton.mix_order_reduction\":false}"

@@ -36,10 +36,11 @@ from distill.models.lora import (adapter_state, check_same_base, has_lora, load_
                                  save_adapter)
 from distill.run_layout import (EXPORT, FORMAT, KEEP, LATEST, MANIFEST, ROOT, WITHDRAWN, CheckpointError,
                                 check_checksums, check_sizes, checkpoint_name, file_records, list_checkpoints,
-                                naming_the_newest, read_manifest, resolve_checkpoint, step_of)
-from distill.storage import ArtifactStore, sha256_of
+                                naming_the_newest, read_manifest, records_of, resolve_checkpoint, step_of)
+from distill.storage import ArtifactStore
 from distill.training.distributed import all_gather, ranks_where
-from distill.training.reshard import STATE, UNIVERSAL, check_resumable, engine_tag, load_resharded, read_by
+from distill.training.reshard import (STATE, UNIVERSAL, check_holds, check_resumable, engine_tag, load_resharded,
+                                     read_by)
 
 __all__ = ["CheckpointContents", "CheckpointError", "CheckpointManager", "RNGState", "Stateful"]
 
@@ -141,7 +142,7 @@ class CheckpointManager:
             (staging / "config.yaml").write_text(yaml.safe_dump(contents.config, sort_keys=False))
         # 4. Into the store, every rank its own files; then the manifest and `latest`, by rank 0.
         if not self.store.is_local:
-            records = self._file_records(staging, sorted(p for p in staging.rglob("*") if p.is_file()))
+            records = records_of(staging, sorted(p for p in staging.rglob("*") if p.is_file()))
             self.store.upload_folder(staging, prefix)
             shutil.rmtree(staging)
         _barrier()
@@ -149,7 +150,7 @@ class CheckpointManager:
         # weights and optimizer states, tens of GB, some seconds a save, shared out over the ranks.
         if self.store.is_local:  # every rank's files in one folder: the ranks hash a share each
             files = sorted(p for p in staging.rglob("*") if p.is_file())
-            records = self._file_records(staging, files[self.rank :: self.world_size])
+            records = records_of(staging, files[self.rank :: self.world_size])
         records = {rel: r for part in all_gather(records) for rel, r in part.items()}
         if self.rank == 0:
             manifest = {
@@ -185,10 +186,6 @@ class CheckpointManager:
         if ranks:
             raise NonFiniteError(f"{self.store.key_uri(f'{ROOT}/{name}')}: not saved, weights are not finite (NaN or "
                                  f"Inf) on rank {', '.join(map(str, ranks))}" + (f": {described(bad)}" if bad else ""))
-
-    def _file_records(self, folder: Path, files: list[Path]) -> dict[str, dict]:
-        """Bytes and sha256 of `files` (under `folder`), by path in the checkpoint."""
-        return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
 
     def _save_module(self, module: nn.Module, folder: Path, base: dict | None) -> None:
         if has_lora(module):  # stage 0-2 only (the config says so): every rank holds the whole adapter
@@ -317,9 +314,7 @@ class CheckpointManager:
 
     def _load_states(self, folder: Path, states: dict[str, Stateful], where: str) -> None:
         saved = torch.load(folder / "trainer" / f"rank-{self.rank:05d}.pt", weights_only=False)
-        missing = [k for k in states if k not in saved]
-        if missing:
-            raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(saved)})")
+        check_holds(saved, states, where)
         for key, stateful in states.items():
             stateful.load_state_dict(saved[key])
 

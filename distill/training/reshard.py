@@ -30,8 +30,8 @@ import torch
 from distill.config import StorageConfig
 from distill.outputs import replace_folder
 from distill.run_layout import (MANIFEST, CheckpointError, check_checksums, check_sizes, file_records,
-                                open_checkpoint)
-from distill.storage import ArtifactStore, sha256_of
+                                open_checkpoint, records_of)
+from distill.storage import ArtifactStore
 
 STATE = "state"
 """The engine tag a run saves its roles' DeepSpeed states under."""
@@ -66,15 +66,20 @@ def read_by(records: dict[str, dict], tag: str) -> dict[str, dict]:
     return {rel: r for rel, r in records.items() if not (rel.startswith("roles/") and rel.split("/")[2:3] == [other])}
 
 
+def check_holds(saved: dict, states: dict, where: str) -> None:
+    """A rank's saved states hold one for each stateful object of this run; CheckpointError naming those missing."""
+    missing = [k for k in states if k not in saved]
+    if missing:
+        raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(saved)})")
+
+
 def load_resharded(folder: Path, states: dict, saved_world_size: int, sequence_parallel_size: int,
                    where: str) -> None:
     """Each stateful object's state from every data-parallel rank of a run with another number of ranks (a
     sequence-parallel group shares one: its first rank's is read), through its `load_resharded`."""
     saved = [torch.load(folder / "trainer" / f"rank-{rank:05d}.pt", weights_only=False)
              for rank in range(0, saved_world_size, sequence_parallel_size)]
-    missing = [k for k in states if k not in saved[0]]
-    if missing:
-        raise CheckpointError(f"{where}: holds no state for {', '.join(missing)} (it has: {', '.join(saved[0])})")
+    check_holds(saved[0], states, where)
     for key, stateful in states.items():
         if not hasattr(stateful, "load_resharded"):
             raise CheckpointError(f"{where}: the {key} state resumes only on {saved_world_size} ranks (its object "
@@ -107,7 +112,8 @@ def reshard(uri: str, storage: StorageConfig | None = None) -> str:
         for role in manifest["roles"]:
             out = work / "out" / role / UNIVERSAL
             _convert(source / "roles" / role / STATE, out, f"{store.uri} (role {role!r})")
-            records.update(_records(out, f"roles/{role}/{UNIVERSAL}"))
+            files = sorted(p for p in out.rglob("*") if p.is_file())
+            records.update(records_of(out, files, f"roles/{role}/{UNIVERSAL}"))
         for role in manifest["roles"]:
             _publish(store, work / "out" / role / UNIVERSAL, f"roles/{role}/{UNIVERSAL}")
         # the manifest last: until it names them, the new files are not part of the checkpoint
@@ -164,12 +170,6 @@ def _convert(state: Path, out: Path, where: str) -> None:
     except Exception as err:  # DeepSpeed's asserts and errors, named with the role they came from
         raise CheckpointError(f"{where}: DeepSpeed's ds_to_universal failed on {state.name}/: "
                               f"{type(err).__name__}: {err}") from err
-
-
-def _records(folder: Path, prefix: str) -> dict[str, dict]:
-    """Bytes and sha256 of every file under `folder`, by path in the checkpoint (`prefix/...`)."""
-    return {f"{prefix}/{p.relative_to(folder).as_posix()}": {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _publish(store: ArtifactStore, folder: Path, prefix: str) -> None:
