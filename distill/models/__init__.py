@@ -17,5 +17,6 @@ DIFFUSERS_ATTENTION_BACKENDS = (
 (tests/test_wan.py keeps them equal)."""
 
 register_model("wan", "distill.models.wan:WanPlugin", num_train_timesteps=1000,
-               presets=("tiny", "small", "medium", "shapes", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b", "tiny-ti2v",
-                        "wan2.2-a14b", "tiny-a14b"), attention_backends=DIFFUSERS_ATTENTION_BACKENDS)
+               presets=("tiny", "small", "medium", "medium-deep", "shapes", "wan2.1-1.3b", "wan2.1-14b",
+                        "wan2.2-ti2v-5b", "tiny-ti2v", "wan2.2-a14b", "tiny-a14b"),
+               attention_backends=DIFFUSERS_ATTENTION_BACKENDS)

@@ -44,6 +44,9 @@ PRESETS: dict[str, dict] = {
     # Between the two: twice small's width (~1M parameters), a candidate for a teacher that a CPU demo can distil.
     "medium": dict(transformer=dict(_CPU_TRANSFORMER, attention_head_dim=32, ffn_dim=512), text_encoder=_TINY_TEXT,
                    vae=_TINY_VAE),
+    # medium's width in 6 blocks (~1.7M parameters, 1.5 x its CPU cost): depth for the order of frames (issue 16).
+    "medium-deep": dict(transformer=dict(_CPU_TRANSFORMER, attention_head_dim=32, ffn_dim=512, num_layers=6),
+                        text_encoder=_TINY_TEXT, vae=_TINY_VAE),
     # The shapes world on a GPU: ~6M parameters, 4x4 patches.
     "shapes": dict(
         transformer=dict(
