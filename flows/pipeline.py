@@ -142,8 +142,10 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml", num_gpus: int | None = No
     storage = {k: v for k, v in vars(student.storage).items() if v is not None}
     root = student.run.output.rstrip("/")
     b = p.bench
-    reports = [bench(c, b.prompts, b.seeds, b.teacher_steps, b.training_iterations, storage)
-               for c in list_checkpoints(root, storage)]  # 4. every saved checkpoint
+    checkpoints = list_checkpoints(root, storage)  # 4. every saved checkpoint; the frozen teacher's rows (the
+    # same in each: one run, prompts and seeds) in the last one's report alone, where the comparison finds them
+    reports = [bench(c, b.prompts, b.seeds, b.teacher_steps, b.training_iterations, storage,
+                     teacher_rows=c == checkpoints[-1]) for c in checkpoints]
     report = compare(reports, p.report or f"{root}/bench/compare", storage)  # 5. side by side
     if p.retrain:
         mark_latest(base.run.output, root.rsplit("/", 1)[1], storage)

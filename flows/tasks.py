@@ -241,12 +241,13 @@ def check_checkpoints(checkpoints: list[str], storage: dict | None = None) -> li
 
 @task(name="bench-checkpoint", log_prints=True)
 def bench(checkpoint: str, prompts: int, seeds: int, teacher_steps: int, training_iterations: int,
-          storage: dict | None = None) -> str:
-    """Benchmark one checkpoint (compute-heavy: no retries); publish its report.md as an artifact."""
+          storage: dict | None = None, teacher_rows: bool = True) -> str:
+    """Benchmark one checkpoint (compute-heavy: no retries); publish its report.md as an artifact. Without
+    `teacher_rows`, a sibling report (same run, prompts and seeds) has the teacher's."""
     from distill.bench.inference import BenchSpec
     from distill.bench.run import bench_checkpoint
 
-    spec = BenchSpec(prompts=prompts, seeds=seeds, teacher_steps=teacher_steps)
+    spec = BenchSpec(prompts=prompts, seeds=seeds, teacher_steps=teacher_steps, teacher_rows=teacher_rows)
     cfg = StorageConfig(**(storage or {}))
     ckpt = open_checkpoint(checkpoint, cfg)
     progress = progress_reporter(artifact_key(ckpt.config.run.name, "bench-progress", ckpt.name),

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -88,6 +89,11 @@ def test_pipeline_runs_end_to_end_then_reuses_its_work(pipeline_run):
     for step in ("step-000002", "step-000004"):
         assert (tmp_path / "student" / "bench" / step / "report.parquet").exists()
         assert (tmp_path / "student" / "bench" / step / "report.html").exists()
+    # the frozen teacher sampled once, for the last checkpoint's report; the comparison shows it from there
+    models = {step: set(pd.read_csv(tmp_path / "student" / "bench" / step / "report.csv")["model"])
+              for step in ("step-000002", "step-000004")}
+    assert "teacher" not in models["step-000002"] and "teacher" in models["step-000004"], models
+    assert "| teacher |" in Path(report).read_text()
     # Artifacts: the validation sheet and metrics of the run, a report per checkpoint, the comparison.
     markdown = artifacts("flow-student-validation")[0].data
     assert "contact.png" in markdown and "Sampler sde" in markdown and "![contact sheet](data:image/png;base64," in markdown
