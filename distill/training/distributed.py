@@ -75,6 +75,15 @@ def init_distributed(device_type: str, sequence_parallel_size: int = 1) -> DistI
     return info
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a finished run, every rank together. A group left for the interpreter's
+    exit to tear down can abort a process whose run had finished ("terminate called without an active exception",
+    exit status 250 under the launcher, seen with gloo on two ranks)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shm_buffer_path(rank: int) -> Path:
     """The file DeepSpeed's CPU shared-memory all-reduce maps for `rank` (csrc/cpu/comm/shm.cpp names it so)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")

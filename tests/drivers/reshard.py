@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 from tiny import LatentDataset, tiny_config  # noqa: E402
 
 from distill.run_layout import CheckpointError  # noqa: E402
+from distill.training.distributed import shutdown_distributed
 from distill.training.trainer import Trainer  # noqa: E402
 
 
@@ -87,3 +88,4 @@ if __name__ == "__main__":
     if trainer.dist.is_main:
         torch.save(before or after, out / f"{kind}.pt")
         (out / f"{kind}.json").write_text(json.dumps({"history": history, "ranks": trainer.dist.world_size}))
+    shutdown_distributed()

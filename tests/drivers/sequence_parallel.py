@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 
 from tiny import LatentDataset, tiny_config  # noqa: E402
 
+from distill.training.distributed import shutdown_distributed
 from distill.training.trainer import Trainer  # noqa: E402
 
 
@@ -41,3 +42,4 @@ if __name__ == "__main__":
     student = trainer.roles["student"].modules["transformer"]
     weights = {n: float(p.detach().double().pow(2).sum()) for n, p in student.named_parameters()}
     (Path(out) / f"rank{trainer.dist.rank}.json").write_text(json.dumps({"history": history, "weights": weights}))
+    shutdown_distributed()

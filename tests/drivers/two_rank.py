@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 
 from tiny import tiny_config  # noqa: E402
 
+from distill.training.distributed import shutdown_distributed
 from distill.training.trainer import Trainer  # noqa: E402
 
 out, stage, *flags = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -53,3 +54,4 @@ torch.save(state, Path(out) / f"rank{rank}.pt")
 teacher = trainer.roles["teacher"].modules["transformer"].parameters()
 (Path(out) / f"rank{rank}.json").write_text(json.dumps({"k": ks, "prompts": prompts, "world_size": trainer.dist.world_size,
                                                         "teacher_partitioned": all(hasattr(p, "ds_id") for p in teacher)}))
+shutdown_distributed()
