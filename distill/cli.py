@@ -172,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
             manifest = preprocess(cfg)
             print(f"shards ready: {manifest}")
             return 0
-        from distill.training.distributed import shutdown_distributed
         from distill.training.trainer import Trainer
 
         if args.force and args.resume is None:
@@ -181,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.dist.is_main and trainer.dropped:
             print(f"--force: dropped the newer checkpoints {', '.join(trainer.dropped)}", file=sys.stderr)
         history = trainer.train()
-        shutdown_distributed()
     except InputError as err:
         kind = "config error" if isinstance(err, ConfigError) else "input error"
         print(f"distill: {kind}: {err}", file=sys.stderr)

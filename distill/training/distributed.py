@@ -76,9 +76,10 @@ def init_distributed(device_type: str, sequence_parallel_size: int = 1) -> DistI
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group at the end of a finished run, every rank together. A group left for the interpreter's
-    exit to tear down can abort a process whose run had finished ("terminate called without an active exception",
-    exit status 250 under the launcher, seen with gloo on two ranks)."""
+    """Leave the process group at the end of a finished run, every rank together, in a process that ends with it
+    (a launched entry point): a group left for the interpreter's exit to tear down can abort a process whose run had
+    finished ("terminate called without an active exception", exit status 250 under the launcher, seen with gloo on
+    two ranks). Not for a process that trains again: DeepSpeed keeps the destroyed group."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
