@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 from tiny import tiny_config  # noqa: E402
 
-from distill.training.distributed import shutdown_distributed
+from distill.training.distributed import shutdown_distributed  # noqa: E402
 from distill.training.trainer import Trainer  # noqa: E402
 
 out, stage, *flags = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
