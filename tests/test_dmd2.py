@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distill.adapter import Batch
+from distill.errors import ConfigError
 from distill.methods.distribution_matching.dmd2 import DMD2, dmd_loss
 from distill.roles import RoleError, RoleHandle, RoleManager
 from tiny import tiny_config
@@ -194,6 +195,21 @@ def test_warp_denoising_step_maps_through_shifted_schedule():
     steps = method._denoising_steps()
     shifted = [3 * s / (1 + 2 * s) * 1000 for s in (1.0, 0.75, 0.5, 0.25)]
     torch.testing.assert_close(steps, torch.tensor(shifted + [0.0]), rtol=1e-4, atol=1e-2)
+
+
+def test_timestep_shift_reshapes_the_dmd_and_critic_timesteps(tmp_path):
+    """Unset: the model's own flow shift (FakeAdapter's is the identity); set: σ' = s σ / (1 + (s − 1) σ) of the
+    same uniform draws, so s = 3 puts the median at σ = 0.75 and s = 1 leaves σ uniform."""
+    cpu = torch.device("cpu")
+    draws = {}
+    for shift in (None, 3.0):
+        method, _ = fake_stack(tmp_path, timestep_shift=shift)
+        draws[shift] = method.sample_timesteps(4096, cpu, 0.0, 1.0, method.method_cfg.timestep_shift)
+    sigma = draws[None] / 1000
+    torch.testing.assert_close(draws[3.0], 3 * sigma / (1 + 2 * sigma) * 1000)
+    assert draws[3.0].median() == pytest.approx(750, abs=15) and draws[None].median() == pytest.approx(500, abs=15)
+    with pytest.raises(ConfigError, match=r"method_config.timestep_shift: must be in \(0, 20.0\]"):
+        fake_stack(tmp_path, timestep_shift=0.0)
 
 
 def test_require_roles_names_the_role():

@@ -219,3 +219,28 @@ def test_optimizer_implementations_give_the_losses_of_the_default(tmp_path):
         for a, b in zip(history(implementation), default):
             for key in ("generator_loss", "critic_loss", "student_grad_norm", "critic_grad_norm"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (implementation, key)
+
+
+def test_cpu_ranks_on_one_machine_split_its_cores(monkeypatch):
+    """Each of N local ranks takes cores / N threads (torch would give each all of them); OMP_NUM_THREADS wins."""
+    from distill.training.distributed import share_cores
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for env, threads in ((("LOCAL_SIZE", "2"), 4), (("LOCAL_WORLD_SIZE", "8"), 1)):  # deepspeed's, torchrun's
+            monkeypatch.setenv(*env)
+            share_cores()
+            assert torch.get_num_threads() == threads, env
+            monkeypatch.delenv(env[0])
+        torch.set_num_threads(5)
+        share_cores()  # one rank: torch's own choice stays
+        assert torch.get_num_threads() == 5
+        monkeypatch.setenv("LOCAL_SIZE", "4")
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        share_cores()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

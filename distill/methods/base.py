@@ -187,11 +187,17 @@ class DistillMethod(ABC):
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.noise_rng, device=self.noise_rng.device, dtype=torch.float32).to(x.device)
 
-    def sample_timesteps(self, batch_size: int, device: torch.device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-        """t uniform in [0, T], shifted with the model's flow shift, clamped to [lo, hi] · T."""
+    def sample_timesteps(self, batch_size: int, device: torch.device, lo: float = 0.0, hi: float = 1.0,
+                         shift: float | None = None) -> torch.Tensor:
+        """t uniform in [0, T], shifted (σ' = shift σ / (1 + (shift − 1) σ); unset = the model's flow shift),
+        clamped to [lo, hi] · T."""
         T = self.adapter.num_train_timesteps
         t = torch.rand(batch_size, generator=self.local_rng) * T
-        t = self.adapter.shift_timestep(t)
+        if shift is None:
+            t = self.adapter.shift_timestep(t)
+        else:
+            sigma = t / T
+            t = shift * sigma / (1.0 + (shift - 1.0) * sigma) * T
         return t.clamp(lo * T, hi * T).to(device)
 
 

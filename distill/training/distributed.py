@@ -65,6 +65,8 @@ def init_distributed(device_type: str, sequence_parallel_size: int = 1) -> DistI
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
         if device_type == "cpu":
             _unlink_shm_buffer()
+    if device_type == "cpu":
+        share_cores()
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
                     sequence_parallel_size)
     if info.world_size % sequence_parallel_size:
@@ -73,6 +75,14 @@ def init_distributed(device_type: str, sequence_parallel_size: int = 1) -> DistI
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def share_cores() -> None:
+    """CPU ranks on one machine split its cores: torch gives every process all of them, and N ranks of N threads
+    on N cores thrash. As torchrun does (OMP_NUM_THREADS=1 there), unless OMP_NUM_THREADS says otherwise."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
+    if local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
 def shutdown_distributed() -> None:

@@ -603,10 +603,11 @@ def test_missing_credentials_fail_at_once(tmp_path, capsys, monkeypatch, no_mode
     ("dmd2", "method_config.max_timestep_ratio", "1.5", "must be in [0, 1]"),
     ("dmd2", "method_config.min_timestep_ratio", "-0.1", "must be in [0, 1]"),
     ("dmd2", "method_config.gan_max_timestep_ratio", "0", "must be in (0, 1]"),
+    ("dmd2", "method_config.timestep_shift", "0", "must be in (0, 20.0]"),
     ("dmd2", "model.flow_shift", "1e6", "at most 20.0"),
     ("flow_matching", "method_config.validation_guidance_scale", "1e30", "must be in [0.0, 30.0]"),
-], ids=["guidance-huge", "guidance-negative", "step-beyond-T", "max-ratio", "min-ratio", "gan-ratio", "flow-shift",
-        "fm-guidance"])
+], ids=["guidance-huge", "guidance-negative", "step-beyond-T", "max-ratio", "min-ratio", "gan-ratio", "dmd-shift",
+        "flow-shift", "fm-guidance"])
 def test_guidance_and_timesteps_outside_their_range_are_refused(tmp_path, capsys, no_model, method, key, value,
                                                                 expected):
     config = write_config(tmp_path, tiny_raw(tmp_path / "run", method=method))
