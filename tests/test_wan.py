@@ -250,6 +250,15 @@ def test_frozen_and_trainable_roles_share_numerics_so_the_critic_starts_as_the_t
     assert dtypes["blocks.0.ffn.net.0.proj.weight"].dtype == torch.bfloat16
 
 
+def test_the_timestep_shift_is_the_scheduler_s_unless_one_is_given(run_dir):
+    """σ' = s σ / (1 + (s − 1) σ): s is model.flow_shift by default, DMD2's timestep_shift when given."""
+    plugin, _ = plugin_and_roles(tiny_config(run_dir, model={"flow_shift": 3.0}))
+    t = torch.tensor([0.0, 250.0, 500.0, 1000.0])
+    torch.testing.assert_close(plugin.shift_timestep(t), torch.tensor([0.0, 500.0, 750.0, 1000.0]))
+    torch.testing.assert_close(plugin.shift_timestep(t, 1.0), t)
+    torch.testing.assert_close(plugin.shift_timestep(t, 5.0), 5 * t / (1000 + 4 * t) * 1000)
+
+
 def test_block_features_stop_after_the_last_chosen_block_and_match_a_full_forward(run_dir):
     plugin, roles = plugin_and_roles(tiny_config(run_dir))
     critic = roles["critic"]

@@ -189,15 +189,11 @@ class DistillMethod(ABC):
 
     def sample_timesteps(self, batch_size: int, device: torch.device, lo: float = 0.0, hi: float = 1.0,
                          shift: float | None = None) -> torch.Tensor:
-        """t uniform in [0, T], shifted (σ' = shift σ / (1 + (shift − 1) σ); unset = the model's flow shift),
-        clamped to [lo, hi] · T."""
+        """t uniform in [0, T], through the model's timestep shift (`shift` in place of its own), clamped to
+        [lo, hi] · T."""
         T = self.adapter.num_train_timesteps
         t = torch.rand(batch_size, generator=self.local_rng) * T
-        if shift is None:
-            t = self.adapter.shift_timestep(t)
-        else:
-            sigma = t / T
-            t = shift * sigma / (1.0 + (shift - 1.0) * sigma) * T
+        t = self.adapter.shift_timestep(t, shift)
         return t.clamp(lo * T, hi * T).to(device)
 
 

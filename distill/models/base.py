@@ -298,8 +298,9 @@ class ModelPlugin(ABC):
         """x_t: x0 noised to timestep t."""
 
     @abstractmethod
-    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """Map uniform timesteps in [0, T] through the family's timestep shift (where training spends its steps)."""
+    def shift_timestep(self, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
+        """Map uniform timesteps in [0, T] through the family's timestep shift (where training spends its steps);
+        `shift` replaces the model's own."""
 
     @abstractmethod
     def predict_velocity(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, *,

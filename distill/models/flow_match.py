@@ -35,9 +35,9 @@ class FlowMatchFamily(ModelPlugin):
         sigma = per_sample(self.sigma(t), x0)
         return (1.0 - sigma) * x0 + sigma * noise
 
-    def shift_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """σ' = shift σ / (1 + (shift − 1) σ), the scheduler's own shift."""
-        shift = self.noise_scheduler.config.shift
+    def shift_timestep(self, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
+        """σ' = shift σ / (1 + (shift − 1) σ); unset = the scheduler's own shift."""
+        shift = self.noise_scheduler.config.shift if shift is None else shift
         s = self.sigma(t)
         return shift * s / (1.0 + (shift - 1.0) * s) * self.num_train_timesteps
 

@@ -65,8 +65,7 @@ def init_distributed(device_type: str, sequence_parallel_size: int = 1) -> DistI
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
         if device_type == "cpu":
             _unlink_shm_buffer()
-    if device_type == "cpu":
-        share_cores()
+            share_cores()
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
                     sequence_parallel_size)
     if info.world_size % sequence_parallel_size:
