@@ -4,6 +4,8 @@
 #   scripts/gpu-results.sh shapes-teacher    the teacher (flow matching)
 #   scripts/gpu-results.sh shapes-students   the 4-step and the 1-step DMD2 students, trained side by side on one GPU
 #   scripts/gpu-results.sh shapes-bench      benchmarks of both students (with the teacher's rows) and their comparison
+#   DEMO_RECIPES="base ..." scripts/gpu-results.sh demo-seeds   the demo's student over seeds (below), then
+#     scripts/gpu-results.sh demo-seeds-bench   its checkpoints on 96 videos, the table in $OUT/demo-seeds.csv
 #   scripts/gpu-results.sh demo-teacher      candidates for the demo's committed teacher (issue 16), side by side
 #   DEMO_TEACHER=runs/gpu/demo-teacher/small-1e-3 scripts/gpu-results.sh demo-student   the demo's student from one
 #   scripts/gpu-results.sh wan               Wan2.1-1.3B architecture: DMD2 step throughput and MFU, latency
@@ -142,6 +144,59 @@ case "$stage" in
       tail -n 1 "$log"
     done
     mkdir -p "$out/demo-student/${run##*/}" && cp -r "$run/bench" "$run/metrics.jsonl" "$out/demo-student/${run##*/}/"
+    ;;
+  demo-seeds)  # issue 16: the spread of the demo's student over seeds, from the demo's data and committed teacher
+    # (carry runs/demo/shapes and runs/demo/shards). DEMO_RECIPES="base shift1:method_config.timestep_shift=1.0"
+    # (NAME[:KEY=VALUE,...], overrides of configs/demo/student.yaml), DEMO_SEEDS="0 1 2 3", DEMO_STUDENT_STEPS=600.
+    # DEMO_RANKS=0: side by side on the GPU; 1: on the host's CPUs, one process of two threads; 2: on its CPUs,
+    # two ranks of one thread and batch 2 (data parallel, the same batch of 4). Start it detached (setsid) to go
+    # on between calls; demo-seeds-bench benches what it left.
+    mkdir -p runs/gpu/demo-seeds; port=$((29600 + 50 * ${DEMO_RANKS:-0}))
+    for recipe in ${DEMO_RECIPES:-base}; do
+      name=${recipe%%:*}; extra=()
+      [[ $recipe == *:* ]] && for kv in $(tr , " " <<< "${recipe#*:}"); do extra+=(--set "$kv"); done
+      for seed in ${DEMO_SEEDS:-0 1 2 3}; do
+        run=runs/gpu/demo-seeds/$name-r${DEMO_RANKS:-0}-s$seed; port=$((port + 1))
+        args=(train configs/demo/student.yaml --overwrite --set "run.output=$run" --set "run.seed=$seed"
+          --set "training.max_steps=${DEMO_STUDENT_STEPS:-600}" --set training.checkpoint_every=100
+          --set training.keep_checkpoints=20 --set validation.every=0 "${extra[@]}" "${sets[@]}")
+        case ${DEMO_RANKS:-0} in
+          0) MASTER_PORT=$port python3 -m distill.cli "${args[@]}" > "$run.log" 2>&1 & ;;
+          1) CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 MASTER_PORT=$port \
+               python3 -m distill.cli "${args[@]}" > "$run.log" 2>&1 & ;;
+          2) for rank in 0 1; do
+               CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 RANK=$rank LOCAL_RANK=$rank WORLD_SIZE=2 \
+                 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+                 python3 -m distill.cli "${args[@]}" --set training.batch_size=2 > "$run.$rank.log" 2>&1 &
+             done ;;
+        esac
+      done
+    done
+    wait
+    ;;
+  demo-seeds-bench)  # each demo-seeds checkpoint from step DEMO_BENCH_FROM (300) not benched yet, on 96 videos,
+    # student rows only, DEMO_BENCH_JOBS (8) at a time; one report with the teacher's rows; the table into $OUT
+    find runs/gpu/demo-seeds -path '*/checkpoints/step-*' -maxdepth 3 -type d | sort | while read -r ckpt; do
+      step=${ckpt##*-}; [ "$((10#$step))" -ge "${DEMO_BENCH_FROM:-300}" ] && [ -e "$ckpt/MANIFEST.json" ] \
+        && [ ! -e "${ckpt%/checkpoints/*}/bench/${ckpt##*/}/report.csv" ] && echo "$ckpt"
+    done | xargs -r -P "${DEMO_BENCH_JOBS:-8}" -I{} sh -c 'python3 -m distill.cli bench {} --prompts 24 --seeds 4 \
+      --no-teacher --real-videos 64 --video-format gif > {}.bench.log 2>&1 || tail -n 3 {}.bench.log'
+    first=$(find runs/gpu/demo-seeds -path '*/checkpoints/step-000500' -maxdepth 3 | sort | head -1)
+    [ -z "$first" ] || [ -e runs/gpu/demo-seeds/teacher-rows/report.csv ] || python3 -m distill.cli bench "$first" \
+      --out runs/gpu/demo-seeds/teacher-rows --prompts 24 --seeds 4 --real-videos 64 --video-format gif > /dev/null 2>&1
+    python3 - "$out/demo-seeds.csv" <<'PY'
+import glob, sys
+import pandas as pd
+rows = []
+for f in sorted(glob.glob("runs/gpu/demo-seeds/**/report.csv", recursive=True)):
+    r = pd.read_csv(f)
+    r["run"] = f.split("/")[3]
+    rows.append(r[r.model.isin(["student", "teacher"])])
+t = pd.concat(rows)[["run", "step", "model", "steps", "videos", "adherence_all", "adherence_shape",
+                     "adherence_direction", "sharpness", "fd_oracle"]]
+t.to_csv(sys.argv[1], index=False)
+print(t.pivot_table(index="run", columns="step", values="adherence_all").round(3).to_string())
+PY
     ;;
   probes)
     python3 -m distill.bench.training configs/gpu/shapes-teacher.yaml --iterations 20 --profile \
