@@ -114,6 +114,26 @@ def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, 
     assert np.abs(video("split") - video("one")).max() <= 1
 
 
+def test_data_parallel_ranks_train_as_one_rank_with_their_global_batch(tmp_path):
+    """Two ranks of batch 2 against one of batch 4, with the same random draws (tests/drivers/data_parallel.py): the
+    same student, critic (GAN head included) and EMA weights after two student and four critic updates. DeepSpeed
+    averages the ranks' gradients; every loss of DMD2 is a mean over its samples, so the average is one rank's."""
+    driver = Path(__file__).parent / "drivers" / "data_parallel.py"
+    subprocess.run([sys.executable, str(driver), str(tmp_path / "one"), "1"], env=launcher_env(), check=True,
+                   capture_output=True, timeout=300)
+    launch(str(driver), str(tmp_path / "two"), "2")
+    seen = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    one, before = seen["weights"], seen["initial"]
+    for rank in (0, 1):
+        two = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())["weights"]
+        for role in ("student", "critic", "ema"):
+            assert two[role].keys() == one[role].keys()
+            for name, value in one[role].items():
+                assert two[role][name] == pytest.approx(value, rel=1e-5), (rank, role, name)
+    moved = [n for n, v in one["student"].items() if v != pytest.approx(before[n], rel=1e-6)]
+    assert len(moved) > len(one["student"]) // 2  # the updates really changed the weights that are compared
+
+
 def test_the_dmd2_step_bench_under_the_launcher_with_sequence_parallelism(tmp_path):
     """The scaling figures' command (scripts/gpu-results.sh scaling) on two gloo ranks: one report, from rank 0,
     that counts the samples of the data-parallel groups (one here: the two ranks split one video)."""
