@@ -68,7 +68,7 @@ class BenchStage:
     teacher_steps: int = 50
     """Steps of the reference teacher (with CFG)."""
     training_iterations: int = 4
-    """Iterations of the training-throughput measurement (0 = skip)."""
+    """Iterations of the training-throughput measurement (0 = skip), in the last checkpoint's report."""
 
     def validate(self, path: str) -> None:
         positive(self, path, "prompts", "seeds", "teacher_steps")
@@ -142,10 +142,11 @@ def pipeline(spec: str = "configs/demo/pipeline.yaml", num_gpus: int | None = No
     storage = {k: v for k, v in vars(student.storage).items() if v is not None}
     root = student.run.output.rstrip("/")
     b = p.bench
-    checkpoints = list_checkpoints(root, storage)  # 4. every saved checkpoint; the frozen teacher's rows (the
-    # same in each: one run, prompts and seeds) in the last one's report alone, where the comparison finds them
-    reports = [bench(c, b.prompts, b.seeds, b.teacher_steps, b.training_iterations, storage,
-                     teacher_rows=c == checkpoints[-1]) for c in checkpoints]
+    checkpoints = list_checkpoints(root, storage)  # 4. every saved checkpoint; what is the same in each, the
+    # frozen teacher's rows (one run, prompts and seeds) and the training throughput (the run's config, fresh
+    # weights), in the last one's report alone, where the comparison finds them
+    reports = [bench(c, b.prompts, b.seeds, b.teacher_steps, b.training_iterations if c == checkpoints[-1] else 0,
+                     storage, teacher_rows=c == checkpoints[-1]) for c in checkpoints]
     report = compare(reports, p.report or f"{root}/bench/compare", storage)  # 5. side by side
     if p.retrain:
         mark_latest(base.run.output, root.rsplit("/", 1)[1], storage)

@@ -94,6 +94,9 @@ def test_pipeline_runs_end_to_end_then_reuses_its_work(pipeline_run):
               for step in ("step-000002", "step-000004")}
     assert "teacher" not in models["step-000002"] and "teacher" in models["step-000004"], models
     assert "| teacher |" in Path(report).read_text()
+    throughput = {step: "## Training throughput" in (tmp_path / "student" / "bench" / step / "report.md").read_text()
+                  for step in ("step-000002", "step-000004")}
+    assert throughput == {"step-000002": False, "step-000004": True}  # measured once: the same run config
     # Artifacts: the validation sheet and metrics of the run, a report per checkpoint, the comparison.
     markdown = artifacts("flow-student-validation")[0].data
     assert "contact.png" in markdown and "Sampler sde" in markdown and "![contact sheet](data:image/png;base64," in markdown
