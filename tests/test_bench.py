@@ -135,12 +135,16 @@ def test_bench_and_compare_checkpoints(benched, tmp_path, capsys):
     report = checkpoints / "bench" / "step-000004"
     table = pd.read_parquet(report / "report.parquet")
     assert list(zip(table.model, table.sampler, table.steps)) == [("student", "sde", 4), ("teacher", "ode", 6),
-                                                                    ("teacher", "ode", 4), ("data", "-", 0)]
+                                                                    ("teacher", "ode", 4), ("teacher", "sde", 4),
+                                                                    ("data", "-", 0)]
     data = table.iloc[-1]  # held-out real videos of the same 3 prompts, 2 each (as many as seeds)
     assert data.videos == 6 and data.adherence_all == 1.0 and data.motion_consistency == 1.0
     assert data.diversity > 0 and data.fd_oracle >= 0 and pd.isna(data.latency_s)
     table = table.iloc[:-1]
-    assert list(table.nfe) == [4, 12, 8]  # the teacher samples with CFG: two passes a step
+    assert list(table.nfe) == [4, 12, 8, 4]  # the teacher samples with CFG: two passes a step
+    # ... except as the student's starting point: the teacher's weights through the student's sampler and guidance
+    assert list(table.guidance.iloc[[0, 3]]) == [1.0, 1.0] and table.weights_id.iloc[3] == table.weights_id.iloc[1]
+    assert table.weights_id.iloc[3] != table.weights_id.iloc[0]
     assert (table.latency_s > 0).all() and (table.latency_s >= table.denoise_s).all()
     assert (table.latency_spread_s >= 0).all() and table.weights_id.iloc[1] == table.weights_id.iloc[2]
     for column in ("adherence_all", "motion_consistency", "sharpness", "diversity", "coverage", "fd_oracle"):
@@ -157,13 +161,13 @@ def test_bench_and_compare_checkpoints(benched, tmp_path, capsys):
     # Previews a browser plays (H.264 4:2:0, scaled up to 128 px), indexed in meta.json, shown in report.html.
     previews = json.loads((report / "meta.json").read_text())["previews"]
     assert len(previews["rows"]) == 6 and [c["label"] for c in previews["columns"]] == [
-        "student-sde-4", "teacher-ode-6", "teacher-ode-4", "data"]
+        "student-sde-4", "teacher-ode-6", "teacher-ode-4", "teacher-sde-4", "data"]
     files = [v for c in previews["columns"] for v in c["videos"] if v]
-    assert len(files) == 4 * 6  # 24 captions of 4 kinds: every prompt has 2 held-out videos
+    assert len(files) == 5 * 6  # 30 captions of 5 kinds: every prompt has 2 held-out videos
     meta = next(imageio_ffmpeg.read_frames(str(report / files[0])))
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["size"] == (128, 128)
     page = (report / "report.html").read_text()
-    assert page.count("<video ") == 24 and all(f'src="{f}"' in page for f in files)
+    assert page.count("<video ") == 30 and all(f'src="{f}"' in page for f in files)
     assert "http" not in page.replace('name="viewport"', "")  # self-contained: no network
     capsys.readouterr()
 
@@ -177,11 +181,11 @@ def test_bench_and_compare_checkpoints(benched, tmp_path, capsys):
     # compare.html: one grid (student per checkpoint, the teacher's rows and the data once), its files copied in.
     page = (out / "compare.html").read_text()
     sources = re.findall(r'<video src="([^"]+)"', page)
-    assert len(sources) == 6 * 5 and all((out / src).is_file() for src in sources)
+    assert len(sources) == 6 * 6 and all((out / src).is_file() for src in sources)
     assert "student sde-4 @ step-000002" in page and "student sde-4 @ step-000004" in page
     assert page.count("teacher ode-6 CFG") == 1 and (out / "compare.png").stat().st_size > 1000
     side_by_side = printed.split("## Side by side")[1].split("## ")[0]
-    assert side_by_side.count("| step-000004 | teacher |") == 2 and "| step-000002 | teacher |" not in side_by_side
+    assert side_by_side.count("| step-000004 | teacher |") == 3 and "| step-000002 | teacher |" not in side_by_side
 
 
 @pytest.mark.browser
@@ -197,10 +201,10 @@ def test_the_pages_in_a_browser(benched, tmp_path):
         page.goto((out / "compare.html").as_uri())
         state = wait_until_loaded(page)
         screenshot(page, "compare.png")
-        assert len(state["videos"]) == 6 * 5 and len(state["images"]) == 1  # 6 (prompt, seed) rows, 5 models
+        assert len(state["videos"]) == 6 * 6 and len(state["images"]) == 1  # 6 (prompt, seed) rows, 6 models
         assert_all_loaded(state)
         models = page.locator("#videos thead th").count() - 2  # prompt, seed, then a column per model
-        assert page.locator("#side-by-side tbody tr").count() == models == 5
+        assert page.locator("#side-by-side tbody tr").count() == models == 6
         page.wait_for_function("() => Array.from(document.querySelectorAll('video')).some(v => v.currentTime > 0)")
 
         phone = engine.new_page(viewport=PHONE)
@@ -213,7 +217,7 @@ def test_the_pages_in_a_browser(benched, tmp_path):
         page.goto((benched / "bench" / "step-000004" / "report.html").as_uri())
         state = wait_until_loaded(page)
         screenshot(page, "report.png")
-        assert len(state["videos"]) == 6 * 4 and len(state["images"]) == 3
+        assert len(state["videos"]) == 6 * 5 and len(state["images"]) == 3
         assert_all_loaded(state)
 
 

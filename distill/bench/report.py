@@ -146,13 +146,13 @@ def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None, losse
         columns = [c for c in columns if c in table]
         fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
         for ax, column in zip(axes[0], columns):
-            for model, group in table.groupby("model"):
+            for (model, sampler), group in table.groupby(["model", "sampler"], sort=False):
                 if model == "data":
                     if group[column].notna().any():
                         ax.axhline(group[column].iloc[0], color="grey", linestyle="--", label="data")
                     continue
-                group = group.sort_values("steps")
-                ax.plot(group["steps"], group[column], marker="o", label=model)
+                group = group.sort_values("steps")  # one line per model and sampler: the teacher's ODE steps,
+                ax.plot(group["steps"], group[column], marker="o", label=f"{model} ({sampler})")  # its SDE start
             ax.set_xscale("log")
             ax.set_xlabel("steps")
             ax.set_title(column)
