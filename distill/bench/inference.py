@@ -155,7 +155,8 @@ def run_bench(uri: str, spec: BenchSpec, out_dir: Path, storage: StorageConfig |
         if sampling.num_steps != spec.teacher_steps:
             runs.append((teacher, dataclasses.replace(reference, num_inference_steps=sampling.num_steps)))
         # The student's starting point: the teacher sampled as the student samples (its sampler, steps and
-        # guidance), which shows what training added beyond a few-step sampler.
+        # guidance), which shows what training added beyond a few-step sampler; left out where a teacher row has
+        # that label already (an ODE student of the teacher's k steps).
         if sampling.label not in {how.label for _, how in runs[1:]}:
             runs.append((teacher, sampling))
 

@@ -151,8 +151,9 @@ def _plots(out_dir: Path, table: pd.DataFrame, history: list[dict] | None, losse
                     if group[column].notna().any():
                         ax.axhline(group[column].iloc[0], color="grey", linestyle="--", label="data")
                     continue
-                group = group.sort_values("steps")  # one line per model and sampler: the teacher's ODE steps,
-                ax.plot(group["steps"], group[column], marker="o", label=f"{model} ({sampler})")  # its SDE start
+                # a line per model and sampler: the teacher's ODE steps apart from its row as the student samples
+                group = group.sort_values("steps")
+                ax.plot(group["steps"], group[column], marker="o", label=f"{model} ({sampler})")
             ax.set_xscale("log")
             ax.set_xlabel("steps")
             ax.set_title(column)
