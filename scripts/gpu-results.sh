@@ -149,8 +149,10 @@ case "$stage" in
     # (carry runs/demo/shapes and runs/demo/shards). DEMO_RECIPES="base shift1:method_config.timestep_shift=1.0"
     # (NAME[:KEY=VALUE,...], overrides of configs/demo/student.yaml), DEMO_SEEDS="0 1 2 3", DEMO_STUDENT_STEPS=600.
     # DEMO_RANKS=0: side by side on the GPU; 1: on the host's CPUs, one process of two threads; 2: on its CPUs,
-    # two ranks of one thread and batch 2 (data parallel, the same batch of 4). Start it detached (setsid) to go
-    # on between calls; demo-seeds-bench benches what it left.
+    # two ranks of one thread and batch 2 (data parallel, the same batch of 4); on the CPU, DeepSpeed loads its
+    # shared-memory op, which needs a DeepSpeed built against that machine's torch (a wheel built elsewhere stops
+    # with "PyTorch version mismatch"). Start it detached (setsid) to go on between calls; demo-seeds-bench
+    # benches what it left.
     mkdir -p runs/gpu/demo-seeds; port=$((29600 + 50 * ${DEMO_RANKS:-0}))
     for recipe in ${DEMO_RECIPES:-base}; do
       name=${recipe%%:*}; extra=()
