@@ -166,11 +166,8 @@ case "$stage" in
           0) MASTER_PORT=$port python3 -m distill.cli "${args[@]}" > "$run.log" 2>&1 & ;;
           1) CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 MASTER_PORT=$port \
                python3 -m distill.cli "${args[@]}" > "$run.log" 2>&1 & ;;
-          2) for rank in 0 1; do
-               CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 RANK=$rank LOCAL_RANK=$rank WORLD_SIZE=2 \
-                 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-                 python3 -m distill.cli "${args[@]}" --set training.batch_size=2 > "$run.$rank.log" 2>&1 &
-             done ;;
+          2) CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port $port \
+               --module distill.cli "${args[@]}" --set training.batch_size=2 > "$run.log" 2>&1 & ;;
         esac
       done
     done

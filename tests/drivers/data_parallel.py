@@ -5,7 +5,8 @@ Every random draw of the method (noise, timesteps) is taken from one stream that
 batch, and each rank keeps its own samples of it (the loader's interleaved slice), so that N ranks see exactly the
 numbers one rank sees: then data parallelism must give one rank's weights, up to the order of float sums.
 
-argv: OUT RANKS. Writes OUT/rank{r}.json: the student's first weights, and the student's, critic's and EMA's last,\nas sums of squares by parameter.
+argv: OUT RANKS. Writes OUT/rank{r}.json: the student's first weights, and the student's, critic's and EMA's last,
+as sums of squares by parameter.
 """
 
 import json
@@ -67,7 +68,7 @@ if __name__ == "__main__":
     assert trainer.dist.world_size == ranks
     share_the_draws(trainer.method, trainer.dist.rank, ranks)
     initial = sums_of_squares(trainer.roles["student"].modules)
-    history = trainer.train()
+    trainer.train()
     weights = {"student": sums_of_squares(trainer.roles["student"].modules),
                "critic": sums_of_squares(trainer.roles["critic"].modules),  # the GAN head with it
                "ema": sums_of_squares(trainer.method.ema.modules)}
