@@ -152,8 +152,8 @@ case "$stage" in
     # two ranks of one thread and batch 2 (data parallel, the same batch of 4); on the CPU, DeepSpeed loads its
     # shared-memory op, which needs a DeepSpeed built against that machine's torch (a wheel built elsewhere stops
     # with "PyTorch version mismatch"). Start it detached (setsid) to go on between calls; demo-seeds-bench
-    # benches what it left.
-    mkdir -p runs/gpu/demo-seeds; port=$((29600 + 50 * ${DEMO_RANKS:-0}))
+    # benches what it left. Two at once need their own DEMO_PORT (each run takes the next port).
+    mkdir -p runs/gpu/demo-seeds; port=$((${DEMO_PORT:-29600} + 50 * ${DEMO_RANKS:-0}))
     for recipe in ${DEMO_RECIPES:-base}; do
       name=${recipe%%:*}; extra=()
       [[ $recipe == *:* ]] && for kv in $(tr , " " <<< "${recipe#*:}"); do extra+=(--set "$kv"); done
