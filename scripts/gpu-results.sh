@@ -180,7 +180,9 @@ case "$stage" in
         && [ ! -e "${ckpt%/checkpoints/*}/bench/${ckpt##*/}/report.csv" ] && echo "$ckpt"
     done | xargs -r -P "${DEMO_BENCH_JOBS:-8}" -I{} sh -c 'python3 -m distill.cli bench {} --prompts 24 --seeds 4 \
       --no-teacher --real-videos 64 --video-format gif > {}.bench.log 2>&1 || tail -n 3 {}.bench.log'
-    first=$(find runs/gpu/demo-seeds -path '*/checkpoints/step-000500' -maxdepth 3 | sort | head -1)
+    # the teacher's rows (the first run's guidance; its training step does not matter): any complete checkpoint
+    first=$(find runs/gpu/demo-seeds -path '*/checkpoints/step-*/MANIFEST.json' -maxdepth 4 | sort | head -1)
+    first=${first%/MANIFEST.json}
     [ -z "$first" ] || [ -e runs/gpu/demo-seeds/teacher-rows/report.csv ] || python3 -m distill.cli bench "$first" \
       --out runs/gpu/demo-seeds/teacher-rows --prompts 24 --seeds 4 --real-videos 64 --video-format gif > /dev/null 2>&1
     python3 - "$out/demo-seeds.csv" <<'PY'
