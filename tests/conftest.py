@@ -60,13 +60,12 @@ def pytest_collection_finish(session):
             prefect_server(session.config, name)
 
 
-# The longest modules first, the others in file order: `make test` hands whole modules to two pytest-xdist workers,
-# and a long module started last would leave one core idle at the end. Minutes of one worker, measured with
-# --durations=0 on two cores (2026-12-05): test_distributed.py 6.0, test_deploy.py 5.3, test_reshard.py 5.3, then
-# 2.0 to 0.7. The two multi-rank modules go to different workers (each of their tests runs 2 to 4 ranks, so the two
-# together oversubscribe the cores). In the earlier order, with test_reshard.py handed out late, the suite took
-# 14 min 54 s; longest-first with the two multi-rank modules side by side took 14 min 14 s.
-LONGEST_MODULES = ("test_distributed.py", "test_deploy.py", "test_reshard.py", "test_flows.py", "test_checkpoint.py",
+# The longest modules first, longest to shortest, the others in file order: `make test` hands whole modules to two
+# pytest-xdist workers, and a long module started last would leave one core idle at the end. Minutes of one worker,
+# measured with --durations=0 on two cores (2026-12-05): 6.0, 5.3, 5.3, then 2.0 to 0.7. In the earlier order
+# (test_reshard.py handed out late) the suite took 14 min 54 s; in this one 14 min 14 s, and 14 min 37 s with
+# test_deploy.py between the two multi-rank modules: within run-to-run noise, as both cores stay busy to the end.
+LONGEST_MODULES = ("test_distributed.py", "test_reshard.py", "test_deploy.py", "test_flows.py", "test_checkpoint.py",
                    "test_wan.py", "test_demo.py", "test_shapes.py", "test_bench.py", "test_lora.py")
 
 
