@@ -134,9 +134,10 @@ def records_of(folder: Path, files: list[Path], prefix: str = "") -> dict[str, d
 
 def check_sizes(store: ArtifactStore, prefix: str, records: dict[str, dict]) -> None:
     """Each recorded file is in the store (at `prefix`) with its recorded size; CheckpointError naming it."""
+    found = store.sizes(prefix)
     for rel, record in records.items():
         key = f"{prefix}/{rel}" if prefix else rel
-        size = store.size(key)
+        size = found.get(key)
         if size is None:
             raise CheckpointError(f"{store.key_uri(key)}: missing ({MANIFEST} lists it)")
         if "bytes" in record and size != record["bytes"]:

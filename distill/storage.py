@@ -47,7 +47,8 @@ class ArtifactStore(ABC):
     @abstractmethod
     def put_file(self, local: Path, key: str) -> None: ...
     @abstractmethod
-    def get_file(self, key: str, local: Path) -> Path: ...
+    def get_file(self, key: str, local: Path, size: int | None = None) -> Path:
+        """The file at `key` copied to `local`; `size`, where the caller knows it, may save a request."""
     @abstractmethod
     def put_bytes(self, data: bytes, key: str) -> None: ...
     @abstractmethod
@@ -64,6 +65,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all files under `prefix`, sorted."""
+    @abstractmethod
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Bytes of every file under `prefix`, by key: one listing, where a checkpoint of many files would take a
+        request per file."""
     @abstractmethod
     def delete(self, prefix: str) -> None:
         """Remove every file under `prefix`."""
@@ -98,8 +103,8 @@ class ArtifactStore(ABC):
 
     def download_folder(self, prefix: str, local_dir: Path) -> list[Path]:
         paths = []
-        for key in self.list(prefix):
-            paths.append(self.get_file(key, Path(local_dir) / key[len(prefix) :].lstrip("/")))
+        for key, size in sorted(self.sizes(prefix).items()):
+            paths.append(self.get_file(key, Path(local_dir) / key[len(prefix) :].lstrip("/"), size))
         if not paths:
             raise StorageError(f"{self.key_uri(prefix)}: nothing there")
         return paths
@@ -122,7 +127,7 @@ class LocalStore(ArtifactStore):
         shutil.copyfile(local, tmp)
         os.replace(tmp, target)
 
-    def get_file(self, key: str, local: Path) -> Path:
+    def get_file(self, key: str, local: Path, size: int | None = None) -> Path:
         source = self._path(key)
         if not source.is_file():
             raise StorageError(f"{source}: not found")
@@ -159,6 +164,9 @@ class LocalStore(ArtifactStore):
         if base.is_file():
             return [prefix]
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {key: self._path(key).stat().st_size for key in self.list(prefix)}
 
     def delete(self, prefix: str) -> None:
         path = self._path(prefix)
@@ -242,14 +250,26 @@ class S3Store(ArtifactStore):
         self._call("upload", key, lambda: self.client.upload_file(
             str(local), self.bucket, self._key(key), Config=self.transfer))
 
-    def get_file(self, key: str, local: Path) -> Path:
+    def get_file(self, key: str, local: Path, size: int | None = None) -> Path:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(local.name + ".part")
-        self._call("download", key, lambda: self.client.download_file(
-            self.bucket, self._key(key), str(tmp), Config=self.transfer))
+        if size is not None and size < self.transfer.multipart_threshold:
+            # one GET: boto3's download_file asks for the size first (a HEAD), which a caller that knows it saves
+            self._call("download", key, lambda: self._get_to(key, tmp, size))
+        else:
+            self._call("download", key, lambda: self.client.download_file(
+                self.bucket, self._key(key), str(tmp), Config=self.transfer))
         os.replace(tmp, local)
         return local
+
+    def _get_to(self, key: str, path: Path, size: int) -> None:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        with open(path, "wb") as f:
+            for chunk in body.iter_chunks(1 << 20):
+                f.write(chunk)
+        if path.stat().st_size != size:  # changed since it was listed: the caller's size no longer holds
+            raise OSError(f"{path.stat().st_size} bytes arrived, {size} expected")
 
     def put_bytes(self, data: bytes, key: str) -> None:
         self._call("upload", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
@@ -283,19 +303,22 @@ class S3Store(ArtifactStore):
         return None if head is None else head["ETag"].strip('"')
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.sizes(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
 
         def pages():
-            keys = []
+            found = {}
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
-            return keys
+                found.update((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
+            return found
 
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = [k[strip:] for k in self._call("list", prefix, pages)]
+        found = {k[strip:]: size for k, size in self._call("list", prefix, pages).items()}
         if prefix:  # a prefix names a folder or a file, not a name's beginning
-            keys = [k for k in keys if k == prefix or k.startswith(prefix.rstrip("/") + "/")]
-        return sorted(keys)
+            found = {k: size for k, size in found.items() if k == prefix or k.startswith(prefix.rstrip("/") + "/")}
+        return found
 
     def delete(self, prefix: str) -> None:
         keys = self.list(prefix)

@@ -30,7 +30,10 @@ def test_round_trip_listing_and_delete(tmp_path, s3, kind):
     assert store.list("a") == ["a/b/small.txt", "a/big.bin"]
     assert store.list("a/b/small.txt") == ["a/b/small.txt"]
     assert store.exists("a/big.bin") and not store.exists("a/nothing")
+    assert store.sizes("a") == {"a/b/small.txt": 5, "a/big.bin": 12 * 1024 * 1024}
     assert store.get_file("a/big.bin", tmp_path / "back.bin").read_bytes() == big.read_bytes()
+    assert store.get_file("a/big.bin", tmp_path / "sized.bin", big.stat().st_size).read_bytes() == big.read_bytes()
+    assert store.get_file("a/b/small.txt", tmp_path / "small.txt", 5).read_bytes() == b"hello"
     assert store.get_bytes("a/b/small.txt") == b"hello"
 
     folder = tmp_path / "folder"
@@ -48,6 +51,32 @@ def test_round_trip_listing_and_delete(tmp_path, s3, kind):
     assert store.list() == ["c.txt", "pub/MANIFEST.json", "pub/sub/x.pt"]
     with pytest.raises(StorageError, match="not found"):
         store.get_bytes("a/b/small.txt")
+
+
+def test_a_checkpoint_of_many_files_is_checked_in_one_listing_and_fetched_a_request_a_file(tmp_path, s3):
+    """A universal checkpoint holds four files a parameter (thousands for a real model): its sizes come from one
+    listing, not a request each, and a file of known size comes down in one GET, without boto3's HEAD first."""
+    from distill.run_layout import CheckpointError, check_sizes
+
+    store = s3_store(s3, f"many-{os.getpid()}")
+    folder = tmp_path / "ckpt"
+    for i in range(40):
+        (folder / "zero" / f"w{i}").mkdir(parents=True)
+        (folder / "zero" / f"w{i}" / "fp32.pt").write_bytes(bytes(i))
+    store.upload_folder(folder, "step")
+    records = {f"zero/w{i}/fp32.pt": {"bytes": i} for i in range(40)}
+    sent = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+
+    check_sizes(store, "step", records)
+    assert sent == ["GET"]  # list_objects_v2
+    store.download_folder("step", tmp_path / "down")
+    assert sent[1:] == ["GET"] * 41  # the listing, then each file
+    assert all((tmp_path / "down" / rel).stat().st_size == r["bytes"] for rel, r in records.items())
+    with pytest.raises(CheckpointError, match=r"many-\d+/step/zero/w3/fp32.pt: 3 bytes, MANIFEST.json says 4"):
+        check_sizes(store, "step", {**records, "zero/w3/fp32.pt": {"bytes": 4}})
+    with pytest.raises(CheckpointError, match=r"step/zero/w40/fp32.pt: missing"):
+        check_sizes(store, "step", {**records, "zero/w40/fp32.pt": {"bytes": 40}})
 
 
 def test_wrong_credentials_are_a_clear_error_without_the_secret(s3, monkeypatch):

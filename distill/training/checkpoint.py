@@ -328,8 +328,8 @@ class CheckpointManager:
         folder = self._download_root() / prefix
         if folder.exists():
             shutil.rmtree(folder)
-        for rel in [*records, MANIFEST]:
-            self.store.get_file(f"{prefix}/{rel}", folder / rel)
+        for rel, record in [*records.items(), (MANIFEST, {})]:
+            self.store.get_file(f"{prefix}/{rel}", folder / rel, record.get("bytes"))
         return folder
 
 
