@@ -49,9 +49,20 @@ def launch(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.Complet
     return proc
 
 
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> Path:
+    """The driver's run under ZeRO-3 with a copy of the teacher on each rank (two tests read it)."""
+    out = tmp_path_factory.mktemp("zero3")
+    launch(str(DRIVER), str(out), "3")
+    return out
+
+
 @pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3 gathers weights in every forward: a k that differs would hang
-def test_two_rank_same_k_and_identical_student_weights(tmp_path, stage):
-    launch(str(DRIVER), str(tmp_path), str(stage))
+def test_two_rank_same_k_and_identical_student_weights(tmp_path, request, stage):
+    if stage == 3:
+        tmp_path = request.getfixturevalue("zero3_run")
+    else:
+        launch(str(DRIVER), str(tmp_path), str(stage))
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert seen[0]["world_size"] == seen[1]["world_size"] == 2
     assert len(seen[0]["k"]) == 6 and seen[0]["k"] == seen[1]["k"]
@@ -85,11 +96,12 @@ def test_a_loss_not_finite_on_one_rank_stops_every_rank_with_the_same_error(tmp_
                        "before the optimizer step; the run has no checkpoint with finite weights")
 
 
-@pytest.mark.parametrize("ranks, preset, gan", [(2, "tiny", False), (4, "small", False), (2, "tiny", True)])
+@pytest.mark.parametrize("ranks, preset, gan", [(4, "small", False), (2, "tiny", True)])
 def test_sequence_parallel_trains_and_samples_as_one_rank_does(tmp_path, ranks, preset, gan):
     """parallel.sequence_parallel_size = all ranks (Ulysses): the same losses, student weights and validation video
-    as one rank without it (DMD2 with an EMA, ZeRO-2, student updates every other iteration; with the GAN head,
-    whose later losses show that its own updates agree too). small: 4 heads, so that 4 ranks can split them."""
+    as one rank without it (DMD2 with an EMA, ZeRO-2, student updates every other iteration; without and with the
+    GAN head, whose later losses show that its own updates agree too). small: 4 heads, so that 4 ranks can split
+    them."""
     from PIL import Image, ImageSequence
 
     driver = Path(__file__).parent / "drivers" / "sequence_parallel.py"
@@ -147,17 +159,17 @@ def test_the_dmd2_step_bench_under_the_launcher_with_sequence_parallelism(tmp_pa
     assert proc.stdout.count('"seconds_per_sample"') == 1
 
 
-def test_a_sharded_teacher_under_zero3_gives_the_replicated_teachers_run(tmp_path):
+def test_a_sharded_teacher_under_zero3_gives_the_replicated_teachers_run(tmp_path, zero3_run):
     """roles.teacher.shard: the frozen teacher's weights partitioned over the ranks (ZeRO-3 without an optimizer);
     the same losses and student weights as with a copy of the teacher on every rank."""
-    launch(str(DRIVER), str(tmp_path / "replicated"), "3")
     launch(str(DRIVER), str(tmp_path / "sharded"), "3", "--shard-teacher")
-    seen = {run: json.loads((tmp_path / run / "rank0.json").read_text()) for run in ("replicated", "sharded")}
+    runs = {"replicated": zero3_run, "sharded": tmp_path / "sharded"}
+    seen = {run: json.loads((path / "rank0.json").read_text()) for run, path in runs.items()}
     assert seen["sharded"]["teacher_partitioned"] and not seen["replicated"]["teacher_partitioned"]
     assert seen["sharded"]["k"] == seen["replicated"]["k"]
 
     def losses(run):
-        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (runs[run] / "metrics.jsonl").read_text().splitlines()]
         return [(row["step"], key, value) for row in rows for key, value in sorted(row.items()) if key.endswith("_loss")]
 
     sharded, replicated = losses("sharded"), losses("replicated")

@@ -55,7 +55,7 @@ def assert_same_state(saved: dict, resumed: dict) -> None:
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("stage, flags", [(1, ()), (2, ()), (3, ()), (2, ("--lora",))], ids=["1", "2", "3", "2-lora"])
+@pytest.mark.parametrize("stage, flags", [(2, ()), (3, ()), (1, ("--lora",))], ids=["2", "3", "1-lora"])
 def test_a_resharded_checkpoint_of_two_ranks_resumes_on_one(tmp_path, stage, flags):
     """2 ranks save; resuming on 1 is refused, naming `distill reshard`; after it, 1 rank resumes with the same whole
     weights, Adam moments and step counts, schedules (and EMA), the data position carried over, and trains on. With
@@ -112,20 +112,12 @@ def assert_grown(tmp_path: Path) -> None:
     assert all(math.isfinite(r["critic_loss"]) for r in result["history"])
 
 
-@pytest.mark.multirank
-def test_a_resharded_checkpoint_of_one_rank_resumes_on_two(tmp_path):
-    """ZeRO-2 the other way: a checkpoint of one rank, resharded, partitioned anew over two ranks."""
-    train(tmp_path, 2, SAVED_STEPS - 1, 1)
-    assert cli("reshard", str(tmp_path / "run" / "checkpoints" / "latest")).returncode == 0
-    train(tmp_path, 2, RESUMED_STEPS, 2, "--resume")
-    assert_grown(tmp_path)
-
-
-@pytest.mark.slow  # about a minute: some 2,500 requests to the loopback S3 server
+@pytest.mark.slow  # about a minute: some 1,900 requests to the loopback S3 server
 @pytest.mark.multirank
 def test_a_resharded_checkpoint_of_one_rank_in_s3_resumes_on_two(tmp_path, s3):
-    """The same in S3: the reshard downloads the engine states, uploads the universal ones and replaces the manifest
-    last; the resumed ranks download it."""
+    """ZeRO-2 the other way, in S3: a checkpoint of one rank, resharded (the engine states downloaded, the universal
+    ones uploaded, the manifest replaced last), partitioned anew over two ranks that download it. (A reshard in a
+    local store is the 2-to-1 tests'.)"""
     train(tmp_path, 2, SAVED_STEPS - 1, 1, "--endpoint", s3.endpoint)
     prefix = f"{tmp_path.name}/checkpoints/step-{SAVED_STEPS - 1:06d}"
     done = cli("reshard", f"s3://{s3.bucket}/{tmp_path.name}/checkpoints/latest", "--endpoint-url", s3.endpoint)
