@@ -62,9 +62,9 @@ def pytest_collection_finish(session):
 
 # The longest modules first, longest to shortest, the others in file order: `make test` hands whole modules to two
 # pytest-xdist workers, and a long module started last would leave one core idle at the end. Minutes of one worker,
-# measured with --durations=0 on two cores (2026-12-05): 6.0, 5.3, 5.3, then 2.0 to 0.7. In the earlier order
-# (test_reshard.py handed out late) the suite took 14 min 54 s; in this one 14 min 14 s, and 14 min 37 s with
-# test_deploy.py between the two multi-rank modules: within run-to-run noise, as both cores stay busy to the end.
+# measured with --durations=0 on two cores (2026-12-05, 13 min 33 s in all, the cores 94 % busy): 5.5, 5.1, 5.1,
+# then 2.1 to 0.7. The multi-rank modules' runs are most of the suite's CPU time: one run serves every test that
+# needs it (tests/test_distributed.py's ZeRO-3 run), and a parametrization another one covers is left out.
 LONGEST_MODULES = ("test_distributed.py", "test_reshard.py", "test_deploy.py", "test_flows.py", "test_checkpoint.py",
                    "test_wan.py", "test_demo.py", "test_shapes.py", "test_bench.py", "test_lora.py")
 
