@@ -193,7 +193,7 @@ class StorageConfig:
     multipart_chunk_mb: int = 64
     """Size of one part."""
     max_concurrency: int = 8
-    """Parts in flight at once."""
+    """Parts of a large file, or small files of a folder, in flight at once."""
 
     def validate(self, path: str) -> None:
         positive(self, path, "retries", "connect_timeout", "read_timeout", "multipart_threshold_mb",

@@ -10,11 +10,14 @@ present only once the manifest exists.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from distill.config import StorageConfig
@@ -90,24 +93,31 @@ class ArtifactStore(ABC):
         return self.get_bytes(key).decode()
 
     def upload_folder(self, local_dir: Path, prefix: str, *, last: str | None = None) -> list[str]:
-        """Upload every file of `local_dir` under `prefix`; the file named `last` goes up last."""
+        """Upload every file of `local_dir` under `prefix`; the file named `last` goes up last, once every other
+        one is up."""
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == last)  # stable: the manifest moves to the end
-        keys = []
-        for path in files:
-            rel = path.relative_to(local_dir).as_posix()
-            key = f"{prefix.rstrip('/')}/{rel}" if prefix else rel
-            self.put_file(path, key)
-            keys.append(key)
+        keys = [f"{prefix.rstrip('/')}/{p.relative_to(local_dir).as_posix()}" if prefix
+                else p.relative_to(local_dir).as_posix() for p in files]
+        jobs = [(functools.partial(self.put_file, path, key), path.stat().st_size) for path, key in zip(files, keys)]
+        split = len(jobs) - 1 if files and files[-1].name == last else len(jobs)
+        self.transfer(jobs[:split])
+        self.transfer(jobs[split:])
         return keys
 
     def download_folder(self, prefix: str, local_dir: Path) -> list[Path]:
-        paths = []
-        for key, size in sorted(self.sizes(prefix).items()):
-            paths.append(self.get_file(key, Path(local_dir) / key[len(prefix) :].lstrip("/"), size))
-        if not paths:
+        found = sorted(self.sizes(prefix).items())
+        if not found:
             raise StorageError(f"{self.key_uri(prefix)}: nothing there")
+        paths = [Path(local_dir) / key[len(prefix) :].lstrip("/") for key, _ in found]
+        self.transfer([(functools.partial(self.get_file, key, path, size), size)
+                       for (key, size), path in zip(found, paths)])
         return paths
+
+    def transfer(self, jobs: list[tuple[Callable[[], object], int | None]]) -> None:
+        """Run file transfers, each given with its bytes (None: unknown); the first failure is raised."""
+        for job, _ in jobs:
+            job()
 
 
 class LocalStore(ArtifactStore):
@@ -196,12 +206,13 @@ class S3Store(ArtifactStore):
             retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
+            max_pool_connections=max(10, cfg.max_concurrency),  # a connection for each part or file in flight
         )
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=boto_cfg
         )
         mib = 1024 * 1024
-        self.transfer = TransferConfig(
+        self.transfer_config = TransferConfig(
             multipart_threshold=cfg.multipart_threshold_mb * mib,
             multipart_chunksize=cfg.multipart_chunk_mb * mib,
             max_concurrency=cfg.max_concurrency,
@@ -248,18 +259,36 @@ class S3Store(ArtifactStore):
 
     def put_file(self, local: Path, key: str) -> None:
         self._call("upload", key, lambda: self.client.upload_file(
-            str(local), self.bucket, self._key(key), Config=self.transfer))
+            str(local), self.bucket, self._key(key), Config=self.transfer_config))
+
+    def transfer(self, jobs: list[tuple[Callable[[], object], int | None]]) -> None:
+        """Files below the multipart threshold `max_concurrency` at a time: a checkpoint of many small files (a
+        universal one holds four a parameter) waits on the server's latency, not its bandwidth. Larger ones go
+        one after another, each in `max_concurrency` parts. On a failure the files not started are dropped."""
+        threshold = self.transfer_config.multipart_threshold
+        small = [job for job, size in jobs if size is not None and size < threshold]
+        super().transfer([(job, size) for job, size in jobs if size is None or size >= threshold])
+        if len(small) < 2 or self.cfg.max_concurrency < 2:
+            return super().transfer([(job, None) for job in small])
+        with ThreadPoolExecutor(self.cfg.max_concurrency, thread_name_prefix="distill-s3") as pool:
+            futures = [pool.submit(job) for job in small]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
 
     def get_file(self, key: str, local: Path, size: int | None = None) -> Path:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(local.name + ".part")
-        if size is not None and size < self.transfer.multipart_threshold:
+        if size is not None and size < self.transfer_config.multipart_threshold:
             # one GET: boto3's download_file asks for the size first (a HEAD), which a caller that knows it saves
             self._call("download", key, lambda: self._get_to(key, tmp, size))
         else:
             self._call("download", key, lambda: self.client.download_file(
-                self.bucket, self._key(key), str(tmp), Config=self.transfer))
+                self.bucket, self._key(key), str(tmp), Config=self.transfer_config))
         os.replace(tmp, local)
         return local
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -105,3 +106,14 @@ def test_missing_bucket_and_unreachable_server(s3):
 def test_bad_scheme():
     with pytest.raises(StorageError, match="unsupported storage scheme"):
         open_store("gs://bucket/run")
+
+
+@pytest.mark.parametrize("files", [0, 12])
+def test_the_transfer_bench_round_trips_a_checkpoint_in_either_layout(tmp_path, s3, files):
+    from distill.bench.storage import main
+
+    result = main(["--uri", f"s3://{s3.bucket}/bench-{files}", "--endpoint-url", s3.endpoint, "--size-gb", "0.001",
+                   "--repeats", "1", "--files", str(files), "--json", str(tmp_path / "storage.json")])
+    assert result["files"] == (files or 3) and result["bytes"] == int(0.001 * 2**30)  # every byte checked on the way
+    assert len(result["upload_seconds"]) == len(result["download_seconds"]) == 1
+    assert json.loads((tmp_path / "storage.json").read_text()) == result

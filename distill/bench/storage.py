@@ -5,9 +5,10 @@
         --uri s3://bench/ckpt --endpoint-url http://127.0.0.1:5000 --size-gb 1
 
 Writes a checkpoint-shaped folder (one large "optimizer" file and smaller ones, random
-bytes, `--size-gb` in all), publishes it with `upload_folder` (manifest last), downloads it
-back, checks every byte, and prints seconds and MB/s of each direction (median of
-`--repeats`). Creates the bucket when it is missing. Prints numbers; asserts nothing.
+bytes, `--size-gb` in all; or `--files` equal ones, as a universal checkpoint holds),
+publishes it with `upload_folder` (manifest last), downloads it back, checks every byte, and
+prints seconds and MB/s of each direction (median of `--repeats`). Creates the bucket when
+it is missing. Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ from distill.data.shards import sha256_of
 from distill.storage import open_store
 
 
-def make_checkpoint(folder: Path, total_bytes: int) -> dict[str, str]:
-    """Files shaped like a ZeRO checkpoint of one role: 75 % optimizer state, 25 % weights, a manifest."""
-    sizes = {"roles/student/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": total_bytes * 3 // 4,
-             "roles/student/state/mp_rank_00_model_states.pt": total_bytes // 4 - 4096,
-             "trainer/rank-00000.pt": 4096}
+def make_checkpoint(folder: Path, total_bytes: int, files: int = 0) -> dict[str, str]:
+    """Files shaped like a ZeRO checkpoint of one role: 75 % optimizer state, 25 % weights, a manifest. With
+    `files`, like a universal one (`distill reshard`): that many files of equal size, three a parameter."""
+    if files:
+        kinds = ("fp32", "exp_avg", "exp_avg_sq")
+        sizes = {f"roles/student/universal/zero/param-{i // 3:05d}/{kinds[i % 3]}.pt": total_bytes // files
+                 for i in range(files)}
+    else:
+        sizes = {"roles/student/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": total_bytes * 3 // 4,
+                 "roles/student/state/mp_rank_00_model_states.pt": total_bytes // 4 - 4096,
+                 "trainer/rank-00000.pt": 4096}
     digests = {}
     for name, size in sizes.items():
         path = folder / name
@@ -56,7 +63,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk-mb", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8, help="parts of a large file, or small files, at once")
+    p.add_argument("--files", type=int, default=0, help="a universal checkpoint's layout: this many equal files")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -71,7 +79,7 @@ def main(argv=None) -> dict:
     total = int(args.size_gb * (1 << 30))
     work = Path(tempfile.mkdtemp(prefix="distill-bench-storage-"))
     try:
-        digests = make_checkpoint(work / "up", total)
+        digests = make_checkpoint(work / "up", total, args.files)
         ups, downs = [], []
         for i in range(args.repeats):
             prefix = f"bench-{i}"
@@ -93,6 +101,7 @@ def main(argv=None) -> dict:
             "bytes": total,
             "chunk_mb": args.chunk_mb,
             "concurrency": args.concurrency,
+            "files": len(digests),
             "upload_seconds": [round(s, 3) for s in ups],
             "download_seconds": [round(s, 3) for s in downs],
             "upload_mb_per_s_median": round(mb / statistics.median(ups), 1),

@@ -15,6 +15,7 @@ KEEP file.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -328,8 +329,8 @@ class CheckpointManager:
         folder = self._download_root() / prefix
         if folder.exists():
             shutil.rmtree(folder)
-        for rel, record in [*records.items(), (MANIFEST, {})]:
-            self.store.get_file(f"{prefix}/{rel}", folder / rel, record.get("bytes"))
+        self.store.transfer([(functools.partial(self.store.get_file, f"{prefix}/{rel}", folder / rel, r.get("bytes")),
+                              r.get("bytes")) for rel, r in [*records.items(), (MANIFEST, {})]])
         return folder
 
 
