@@ -416,3 +416,8 @@ def test_shards_through_s3_preprocess_resume_train_and_damage(tmp_path, videos, 
     assert cli_main(["train", str(config), "--set", f"run.output={tmp_path / 'run2'}",
                      "--set", "training.max_steps=12"]) == 2
     assert f"s3://{s3.bucket}/{prefix}/shard-00000.safetensors: checksum differs" in capsys.readouterr().err
+    # A shard of another size is found by the listing of the data set, before any is downloaded.
+    client.put_object(Bucket=s3.bucket, Key=f"{prefix}/shard-00001.safetensors", Body=body[:-10])
+    assert cli_main(["train", str(config), "--set", f"run.output={tmp_path / 'run3'}"]) == 2
+    assert (f"s3://{s3.bucket}/{prefix}/shard-00001.safetensors: {len(body) - 10} bytes, MANIFEST.json says"
+            in capsys.readouterr().err)

@@ -144,8 +144,9 @@ class ShardDataset(Dataset):
         self.records = self.manifest["shards"]
         if not self.records or self.manifest["count"] == 0:
             raise ShardError(f"{self.folder}: the data set is empty (0 samples)")
+        found = store.sizes()  # one listing: a data set of thousands of shards would take a request a shard
         for record in self.records:
-            where, size = store.key_uri(record["file"]), store.size(record["file"])
+            where, size = store.key_uri(record["file"]), found.get(record["file"])
             if size is None:
                 raise ShardError(f"{where}: shard listed in {MANIFEST} is missing")
             if size != record["bytes"]:
@@ -176,10 +177,10 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def _local(self, name: str) -> Path:
+    def _local(self, name: str, size: int | None = None) -> Path:
         path = self.files / name
         if not self.store.is_local and not path.is_file():
-            self.store.get_file(name, path)
+            self.store.get_file(name, path, size)
         return path
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -219,7 +220,7 @@ class ShardDataset(Dataset):
             self._cache.move_to_end(shard)
             return self._cache[shard]
         record = self.records[shard]
-        path = self._local(record["file"])
+        path = self._local(record["file"], record["bytes"])
         where = self.store.key_uri(record["file"])
         if self._verified.get(shard) != _signature(path):  # not checked yet, or the file changed since
             if sha256_of(path) != record["sha256"]:
