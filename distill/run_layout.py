@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import posixpath
 import re
 import tempfile
 from dataclasses import dataclass
@@ -134,9 +135,11 @@ def records_of(folder: Path, files: list[Path], prefix: str = "") -> dict[str, d
 
 def check_sizes(store: ArtifactStore, prefix: str, records: dict[str, dict]) -> None:
     """Each recorded file is in the store (at `prefix`) with its recorded size; CheckpointError naming it."""
-    found = store.sizes(prefix)
+    keys = {rel: f"{prefix}/{rel}" if prefix else rel for rel in records}
+    # one listing of the narrowest folder that holds them all (the file itself when there is one)
+    found = store.sizes(posixpath.commonpath(list(keys.values()))) if keys else {}
     for rel, record in records.items():
-        key = f"{prefix}/{rel}" if prefix else rel
+        key = keys[rel]
         size = found.get(key)
         if size is None:
             raise CheckpointError(f"{store.key_uri(key)}: missing ({MANIFEST} lists it)")

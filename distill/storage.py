@@ -110,9 +110,12 @@ class ArtifactStore(ABC):
         if not found:
             raise StorageError(f"{self.key_uri(prefix)}: nothing there")
         paths = [Path(local_dir) / key[len(prefix) :].lstrip("/") for key, _ in found]
-        self.transfer([(functools.partial(self.get_file, key, path, size), size)
-                       for (key, size), path in zip(found, paths)])
+        self.get_files([(key, path, size) for (key, size), path in zip(found, paths)])
         return paths
+
+    def get_files(self, files: list[tuple[str, Path, int | None]]) -> None:
+        """Download each (key, local path, bytes or None where unknown) through `transfer`."""
+        self.transfer([(functools.partial(self.get_file, key, local, size), size) for key, local, size in files])
 
     def transfer(self, jobs: list[tuple[Callable[[], object], int | None]]) -> None:
         """Run file transfers, each given with its bytes (None: unknown); the first failure is raised."""

@@ -15,7 +15,6 @@ KEEP file.
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import shutil
@@ -329,8 +328,8 @@ class CheckpointManager:
         folder = self._download_root() / prefix
         if folder.exists():
             shutil.rmtree(folder)
-        self.store.transfer([(functools.partial(self.store.get_file, f"{prefix}/{rel}", folder / rel, r.get("bytes")),
-                              r.get("bytes")) for rel, r in [*records.items(), (MANIFEST, {})]])
+        self.store.get_files([(f"{prefix}/{rel}", folder / rel, r.get("bytes"))
+                              for rel, r in [*records.items(), (MANIFEST, {})]])
         return folder
 
 
