@@ -161,7 +161,7 @@ class ValidationConfig:
     fps: int = 8
     """Frame rate of the written videos."""
     video_format: Literal["mp4", "gif"] = "mp4"
-    """mp4 (H.264 through imageio-ffmpeg) or gif (Pillow only)."""
+    """mp4 (H.264 through PyAV) or gif (Pillow only)."""
 
     def validate(self, path: str) -> None:
         non_negative(self, path, "every")

@@ -24,7 +24,8 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray, value_range: tuple[float, 
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, *, full_chroma: bool = True) -> Path:
-    """Write (F, H, W, 3) uint8 frames as `.mp4` (H.264, imageio-ffmpeg) or `.gif` (Pillow), by suffix.
+    """Write (F, H, W, 3) uint8 frames as `.mp4` (H.264, libx264 at CRF 10, through PyAV) or `.gif` (Pillow), by
+    suffix.
 
     `full_chroma` keeps colour at full resolution (4:4:4): exact colours for data and for the
     oracle, but browsers don't play that profile. Previews for people pass False (4:2:0,
@@ -39,12 +40,17 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, *, full_chro
         images = [Image.fromarray(f) for f in frames]
         images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
         return path
-    import imageio.v3 as iio
+    import av  # in-process: no ffmpeg process per file (a data set is thousands of files)
 
     even = frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
-    pixelformat = "yuv420p" if not full_chroma and even else "yuv444p"  # 4:2:0 halves colour resolution
-    iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1, pixelformat=pixelformat,
-                output_params=["-crf", "10"])
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p" if not full_chroma and even else "yuv444p"  # 4:2:0 halves colour resolution
+        stream.options = {"crf": "10"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
     return path
 
 
@@ -61,36 +67,35 @@ class VideoReadError(InputError):
 
 def read_video(path: str | Path) -> np.ndarray:
     """All frames of a video file as (F, H, W, 3) uint8; unreadable or empty files raise VideoReadError."""
-    import imageio.v3 as iio
+    import av
 
     path = Path(path)
     try:
-        frames = np.asarray(iio.imread(path))
-    except Exception as err:  # imageio raises many types for corrupt input
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except Exception as err:  # FFmpeg raises many types for corrupt input (and IndexError: no video stream)
         first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise VideoReadError(f"{path}: cannot decode video ({type(err).__name__}: {first_line})") from None
-    if frames.ndim == 3:  # grey frames (F, H, W)
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    if frames.ndim != 4 or frames.shape[0] == 0:
-        raise VideoReadError(f"{path}: no frames decoded (shape {frames.shape})")
-    if frames.shape[-1] == 4:
-        frames = frames[..., :3]
-    return frames.astype(np.uint8)
+    if not frames:
+        raise VideoReadError(f"{path}: no frames decoded")
+    if len({f.shape for f in frames}) > 1:
+        raise VideoReadError(f"{path}: frames of different sizes ({', '.join(sorted({str(f.shape) for f in frames}))})")
+    return np.stack(frames)
 
 
 def mp4_writable() -> bool:
-    """Whether imageio-ffmpeg (which writes mp4) is installed."""
+    """Whether PyAV (which writes mp4) is installed."""
     try:
-        import imageio_ffmpeg  # noqa: F401
+        import av  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 def check_video_format(video_format: str) -> None:
-    """Fail early when mp4 is asked for and imageio-ffmpeg is missing."""
+    """Fail early when mp4 is asked for and PyAV is missing."""
     if video_format == "mp4" and not mp4_writable():
-        raise ConfigError("validation.video_format: mp4 needs imageio-ffmpeg; install it or set gif")
+        raise ConfigError("validation.video_format: mp4 needs PyAV (pip install av); install it or set gif")
 
 
 def contact_sheet(videos: list[np.ndarray], path: str | Path, max_columns: int = 8) -> Path:

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-import imageio_ffmpeg
+import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -164,8 +164,9 @@ def test_bench_and_compare_checkpoints(benched, tmp_path, capsys):
         "student-sde-4", "teacher-ode-6", "teacher-ode-4", "teacher-sde-4", "data"]
     files = [v for c in previews["columns"] for v in c["videos"] if v]
     assert len(files) == 5 * 6  # 30 captions of 5 kinds: every prompt has 2 held-out videos
-    meta = next(imageio_ffmpeg.read_frames(str(report / files[0])))
-    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["size"] == (128, 128)
+    with av.open(str(report / files[0])) as container:
+        video = container.streams.video[0].codec_context
+        assert (video.name, video.pix_fmt, video.width, video.height) == ("h264", "yuv420p", 128, 128)
     page = (report / "report.html").read_text()
     assert page.count("<video ") == 30 and all(f'src="{f}"' in page for f in files)
     assert "http" not in page.replace('name="viewport"', "")  # self-contained: no network
@@ -221,18 +222,18 @@ def test_the_pages_in_a_browser(benched, tmp_path):
         assert_all_loaded(state)
 
 
-def test_without_imageio_ffmpeg_there_are_no_previews_and_no_failure(tmp_path, monkeypatch, caplog):
-    """imageio-ffmpeg is a dependency, but an install without it (a GPU image with its own stack) still benches:
-    the previews are left out with a warning instead of failing in imageio's fallback writer."""
+def test_without_pyav_there_are_no_previews_and_no_failure(tmp_path, monkeypatch, caplog):
+    """PyAV is a dependency, but an install without it (a GPU image with its own stack) still benches: the
+    previews are left out with a warning instead of failing."""
     import sys
 
     from distill.bench.previews import write_previews
 
     frames = np.zeros((3, 8, 8, 3), np.uint8)
     assert write_previews(tmp_path, "student-sde-4", [frames, None]) == ["web/student-sde-4/000.mp4", None]
-    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails
+    monkeypatch.setitem(sys.modules, "av", None)  # import fails
     assert write_previews(tmp_path / "without", "student-sde-4", [frames, None]) == [None, None]
-    assert "imageio-ffmpeg is not installed" in caplog.text and not (tmp_path / "without").exists()
+    assert "PyAV (av) is not installed" in caplog.text and not (tmp_path / "without").exists()
 
 
 def test_compare_flags_regressions(tmp_path):

@@ -37,10 +37,10 @@ def preview_frames(frames: np.ndarray, min_size: int = PREVIEW_MIN_SIZE) -> np.n
 
 def write_previews(out_dir: Path, label: str, videos: list[np.ndarray | None], fps: int = 8) -> list[str | None]:
     """Write each video as `web/<label>/<index>.mp4` under `out_dir`; their paths relative to it (None stays).
-    Without imageio-ffmpeg (an optional dependency) there are no previews: every path is None, and the pages
-    show their tables and plots only."""
+    Without PyAV (a dependency, but a GPU image with its own stack may lack it) there are no previews: every path
+    is None, and the pages show their tables and plots only."""
     if not mp4_writable():
-        logger.warning("bench: no browser previews for %s: imageio-ffmpeg is not installed", label)
+        logger.warning("bench: no browser previews for %s: PyAV (av) is not installed", label)
         return [None] * len(videos)
     paths = []
     for index, frames in enumerate(videos):
