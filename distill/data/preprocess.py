@@ -235,7 +235,7 @@ def encode_chunk(cfg: Config, plugin, chunk: list[Item]) -> dict[str, torch.Tens
         batch = chunk[start : start + d.preprocess_batch_size]
         embeds.append(plugin.encode_prompts([i.caption for i in batch], cache=False).cpu())
         if not d.prompt_only:
-            # Two files at a time: FFmpeg's decoding runs outside the GIL.
+            # Two files at a time: part of PyAV's decoding runs outside the GIL (1.2x here, on 2 cores).
             with ThreadPoolExecutor(max_workers=2) as pool:
                 clips = torch.stack(list(pool.map(
                     lambda item: load_clip(Path(d.videos) / item.video, d.num_frames, d.height, d.width), batch)))

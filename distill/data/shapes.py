@@ -66,8 +66,8 @@ def write_dataset(out_dir: str | Path, count: int, cfg: ShapesWorldConfig, *, wo
                   start: int = 0, overwrite: bool = False) -> Path:
     """Write videos `start .. start + count - 1` with their captions and ground truth; returns out_dir.
 
-    The mp4 files are written by `distill.video.write_video` on `workers` threads (FFmpeg's encoding
-    runs outside the GIL). Writes captions.csv (video,caption) and attributes.csv.
+    The mp4 files are written by `distill.video.write_video` on `workers` threads. Writes captions.csv
+    (video,caption) and attributes.csv.
     A non-empty out_dir is refused unless `overwrite`; the data set is made beside it and replaces
     it whole once complete (an earlier set's videos are never left orphaned among the new ones).
     """
