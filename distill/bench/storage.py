@@ -30,10 +30,12 @@ from distill.storage import open_store
 
 def make_checkpoint(folder: Path, total_bytes: int, files: int = 0) -> dict[str, str]:
     """Files shaped like a ZeRO checkpoint of one role: 75 % optimizer state, 25 % weights, a manifest. With
-    `files`, like a universal one (`distill reshard`): that many files of equal size, three a parameter."""
+    `files`, like a universal one (`distill reshard`): that many files of equal size (to a byte: together
+    `total_bytes`, which the report gives), three a parameter."""
     if files:
         kinds = ("fp32", "exp_avg", "exp_avg_sq")
-        sizes = {f"roles/student/universal/zero/param-{i // 3:05d}/{kinds[i % 3]}.pt": total_bytes // files
+        share, extra = divmod(total_bytes, files)
+        sizes = {f"roles/student/universal/zero/param-{i // 3:05d}/{kinds[i % 3]}.pt": share + (i < extra)
                  for i in range(files)}
     else:
         sizes = {"roles/student/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": total_bytes * 3 // 4,
