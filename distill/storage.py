@@ -97,8 +97,8 @@ class ArtifactStore(ABC):
         one is up."""
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == last)  # stable: the manifest moves to the end
-        keys = [f"{prefix.rstrip('/')}/{p.relative_to(local_dir).as_posix()}" if prefix
-                else p.relative_to(local_dir).as_posix() for p in files]
+        rels = [p.relative_to(local_dir).as_posix() for p in files]
+        keys = [f"{prefix.rstrip('/')}/{rel}" if prefix else rel for rel in rels]
         jobs = [(functools.partial(self.put_file, path, key), path.stat().st_size) for path, key in zip(files, keys)]
         split = len(jobs) - 1 if files and files[-1].name == last else len(jobs)
         self.transfer(jobs[:split])

@@ -78,8 +78,9 @@ def read_video(path: str | Path) -> np.ndarray:
         raise VideoReadError(f"{path}: cannot decode video ({type(err).__name__}: {first_line})") from None
     if not frames:
         raise VideoReadError(f"{path}: no frames decoded")
-    if len({f.shape for f in frames}) > 1:
-        raise VideoReadError(f"{path}: frames of different sizes ({', '.join(sorted({str(f.shape) for f in frames}))})")
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise VideoReadError(f"{path}: frames of different sizes ({', '.join(sorted(map(str, shapes)))})")
     return np.stack(frames)
 
 
